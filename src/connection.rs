@@ -1,0 +1,718 @@
+//! [`SignalConnection`]: the connection wrapper, its hook registration API and the Diesel
+//! traits that make it a drop-in replacement for the connection it wraps.
+
+use std::fmt;
+use std::panic::Location;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use diesel::connection::{
+    CacheSize, Connection, ConnectionSealed, Instrumentation, LoadConnection, SimpleConnection,
+    TransactionManager, TransactionManagerStatus, WithMetadataLookup,
+};
+use diesel::expression::QueryMetadata;
+use diesel::migration::MigrationConnection;
+use diesel::query_builder::{Query, QueryFragment, QueryId};
+use diesel::result::{ConnectionResult, Error, QueryResult};
+use diesel::sql_types::TypeMetadata;
+
+use crate::hooks::{settle_all, Hook, HookOutput, HookStack, Settled};
+use crate::manager::{InnerState, SignalTransactionManager};
+use crate::registry::{self, Inbox};
+use crate::Outcome;
+
+/// A process-unique, stable identifier of a [`SignalConnection`], shown in log lines and
+/// failure reports.
+///
+/// # Example
+///
+/// ```
+/// # #[cfg(feature = "sqlite")] {
+/// use diesel::prelude::*;
+/// use diesel_transaction_signals::SignalConnection;
+///
+/// let a = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+/// let b = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+/// assert_ne!(a.id(), b.id());
+/// assert!(a.id().to_string().starts_with('#'));
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnectionId(u64);
+
+impl ConnectionId {
+    fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ConnectionId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The number behind the id.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// # use diesel::prelude::*;
+    /// # use diesel_transaction_signals::SignalConnection;
+    /// let conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+    /// assert!(conn.id().get() > 0);
+    /// # }
+    /// ```
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// A Diesel connection that runs hooks when its transactions commit or roll back.
+///
+/// `SignalConnection<C>` wraps any connection `C` (`SqliteConnection`, `PgConnection`,
+/// `MysqlConnection`) and implements every Diesel trait `C` does that a user's code, migrations
+/// and pools need, so it replaces `C` wherever `C` is named. Its transaction manager tracks the
+/// nesting of `transaction` calls (savepoints) and settles hooks when a level ends:
+///
+/// - [`on_commit`](Self::on_commit) hooks run once, after the outermost COMMIT succeeded;
+/// - [`on_rollback`](Self::on_rollback) hooks run once, when the work they guarded is undone;
+/// - [`on_complete`](Self::on_complete) hooks run once with the [`Outcome`].
+///
+/// A savepoint that rolls back takes its commit hooks with it and runs its rollback hooks at
+/// once; the enclosing transaction goes on. A closure that panics has its level rolled back
+/// before the panic continues. Hooks that panic or return `Err` are caught and reported
+/// ([`set_failure_handler`](crate::set_failure_handler)).
+///
+/// [`inner`](Self::inner) and [`inner_mut`](Self::inner_mut) reach the wrapped connection for
+/// backend-specific methods (SQLite functions, PostgreSQL `COPY TO`); transactions opened
+/// through them bypass the hooks.
+///
+/// # Example
+///
+/// ```
+/// # #[cfg(feature = "sqlite")] {
+/// use diesel::prelude::*;
+/// use diesel_transaction_signals::SignalConnection;
+/// use std::sync::mpsc;
+///
+/// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:")?;
+/// let (tx, rx) = mpsc::channel();
+/// conn.transaction(|conn| {
+///     diesel::sql_query("CREATE TABLE users (id INTEGER PRIMARY KEY)").execute(conn)?;
+///     let tx = tx.clone();
+///     conn.on_commit(move || tx.send("send the welcome e-mail").unwrap());
+///     assert!(rx.try_recv().is_err(), "nothing runs before COMMIT");
+///     QueryResult::Ok(())
+/// })?;
+/// assert_eq!(rx.try_recv(), Ok("send the welcome e-mail"));
+/// # }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct SignalConnection<C> {
+    // Declared first so it is dropped first: closing the connection rolls back an open
+    // transaction, and only then do the rollback hooks in `state` run.
+    pub(crate) inner: C,
+    pub(crate) state: State,
+}
+
+/// The wrapper's own state. Its `Drop` settles what a dropped connection leaves open.
+pub(crate) struct State {
+    pub(crate) stack: HookStack,
+    pub(crate) inbox: Arc<Inbox>,
+    pub(crate) id: ConnectionId,
+    /// The outermost open level was opened by `begin_test_transaction`.
+    pub(crate) test_transaction: bool,
+}
+
+impl State {
+    fn new() -> Self {
+        State {
+            stack: HookStack::default(),
+            inbox: Arc::default(),
+            id: ConnectionId::next(),
+            test_transaction: false,
+        }
+    }
+
+    /// Moves hooks that `defer` left in the inbox into their levels.
+    #[inline]
+    pub(crate) fn drain_inbox(&mut self) {
+        if let Some(deferred) = self.inbox.take() {
+            self.place(deferred);
+        }
+    }
+
+    fn place(&mut self, deferred: Vec<(u64, Hook)>) {
+        for (serial, hook) in deferred {
+            if let Err(hook) = self.stack.push_to(serial, hook) {
+                settle_all(
+                    std::iter::once(hook),
+                    Outcome::Unknown,
+                    Some(self.id),
+                    "it was deferred to a transaction level that had already ended \
+                     (was the connection moved to another thread mid-transaction?)",
+                );
+            }
+        }
+    }
+
+    #[inline]
+    pub(crate) fn open_level(&mut self) {
+        let serial = self.stack.open();
+        registry::enter(self.id, serial, &self.inbox);
+    }
+
+    /// Closes the innermost level after its savepoint was released.
+    #[inline]
+    pub(crate) fn release_level(&mut self) {
+        self.drain_inbox();
+        if let Some(level) = self.stack.release() {
+            registry::leave(self.id, level.serial, &self.inbox);
+        }
+    }
+
+    /// Closes the innermost level and settles its hooks for `outcome`.
+    pub(crate) fn finish_level(&mut self, outcome: Outcome, why: &str) -> Settled {
+        self.drain_inbox();
+        let depth = self.stack.depth();
+        if depth == 1 {
+            self.test_transaction = false;
+        }
+        let State {
+            stack, inbox, id, ..
+        } = self;
+        let Some((level, hooks)) = stack.close() else {
+            return Settled::default();
+        };
+        registry::leave(*id, level.serial, inbox);
+        log::trace!(
+            target: "diesel_transaction_signals",
+            "connection {id}: level {depth} {outcome}"
+        );
+        settle_all(hooks, outcome, Some(*id), why)
+    }
+
+    pub(crate) fn finish_all(&mut self, outcome: Outcome, why: &str) {
+        while self.stack.depth() > 0 {
+            self.finish_level(outcome, why);
+        }
+    }
+
+    /// Drops every open level without running anything (the end of a test transaction).
+    fn discard_all(&mut self, why: &str) {
+        self.drain_inbox();
+        while let Some((level, hooks)) = self.stack.close() {
+            registry::leave(self.id, level.serial, &self.inbox);
+            for hook in hooks {
+                log::debug!(
+                    target: "diesel_transaction_signals",
+                    "{} hook registered at {} discarded: {why}",
+                    hook.kind(),
+                    hook.location()
+                );
+            }
+        }
+        self.test_transaction = false;
+    }
+
+    /// Adds a hook to the innermost level, or settles it at once outside a transaction.
+    /// Call after `sync`.
+    fn register(&mut self, hook: Hook) {
+        if self.stack.depth() == 0 {
+            settle_all(
+                std::iter::once(hook),
+                Outcome::Committed,
+                Some(self.id),
+                "no transaction was open: on_rollback outside a transaction never runs",
+            );
+        } else {
+            self.stack.push(hook);
+        }
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        let deferred = self.inbox.close();
+        self.place(deferred);
+        if self.stack.depth() == 0 {
+            return;
+        }
+        if self.test_transaction {
+            self.discard_all("a test transaction never commits");
+        } else {
+            self.finish_all(
+                Outcome::RolledBack,
+                "the connection was dropped inside a transaction, which rolls it back",
+            );
+        }
+    }
+}
+
+impl<C: Connection> SignalConnection<C> {
+    /// Wraps an established connection. Open no transaction on `inner` before wrapping it: the
+    /// wrapper would not know about it.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::prelude::*;
+    /// use diesel_transaction_signals::SignalConnection;
+    ///
+    /// let raw = SqliteConnection::establish(":memory:").unwrap();
+    /// let conn = SignalConnection::new(raw);
+    /// assert_eq!(conn.transaction_depth(), 0);
+    /// # }
+    /// ```
+    pub fn new(inner: C) -> Self {
+        SignalConnection {
+            inner,
+            state: State::new(),
+        }
+    }
+
+    /// Unwraps the connection.
+    ///
+    /// Called inside a transaction, the wrapper can no longer observe its outcome: `on_complete`
+    /// hooks receive [`Outcome::Unknown`] and commit and rollback hooks are dropped unrun, with
+    /// an error logged for each (inside a test transaction they are discarded quietly).
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::prelude::*;
+    /// use diesel_transaction_signals::SignalConnection;
+    ///
+    /// let conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+    /// let mut raw: SqliteConnection = conn.into_inner();
+    /// diesel::sql_query("SELECT 1").execute(&mut raw).unwrap();
+    /// # }
+    /// ```
+    pub fn into_inner(self) -> C {
+        let SignalConnection { inner, mut state } = self;
+        if state.test_transaction {
+            state.discard_all("the connection was unwrapped inside a test transaction");
+        } else {
+            state.finish_all(
+                Outcome::Unknown,
+                "the connection was unwrapped with into_inner() inside a transaction",
+            );
+        }
+        inner
+    }
+
+    /// The wrapped connection.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::prelude::*;
+    /// use diesel_transaction_signals::SignalConnection;
+    ///
+    /// let conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+    /// let _raw: &SqliteConnection = conn.inner();
+    /// # }
+    /// ```
+    pub fn inner(&self) -> &C {
+        &self.inner
+    }
+
+    /// The wrapped connection, for backend-specific methods (registering SQLite functions,
+    /// PostgreSQL `COPY TO`).
+    ///
+    /// **This bypasses the hooks**: a transaction opened through it (`inner_mut().transaction(..)`,
+    /// raw `BEGIN`) is unknown to the wrapper, so `on_commit` inside it runs at once. Queries
+    /// run through it inside a wrapper transaction are part of that transaction as usual.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::prelude::*;
+    /// use diesel_transaction_signals::SignalConnection;
+    ///
+    /// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+    /// diesel::sql_query("SELECT 1").execute(conn.inner_mut()).unwrap();
+    /// # }
+    /// ```
+    pub fn inner_mut(&mut self) -> &mut C {
+        &mut self.inner
+    }
+
+    /// This connection's process-unique id.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// # use diesel::prelude::*;
+    /// # use diesel_transaction_signals::SignalConnection;
+    /// let conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+    /// println!("connection {}", conn.id());
+    /// # }
+    /// ```
+    pub fn id(&self) -> crate::ConnectionId {
+        self.state.id
+    }
+
+    /// How many transaction levels are open: 0 outside a transaction, 1 inside the outermost,
+    /// one more per savepoint.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::prelude::*;
+    /// use diesel_transaction_signals::SignalConnection;
+    ///
+    /// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+    /// conn.transaction(|c| {
+    ///     assert_eq!(c.transaction_depth(), 1);
+    ///     c.transaction(|c| {
+    ///         assert_eq!(c.transaction_depth(), 2);
+    ///         QueryResult::Ok(())
+    ///     })
+    /// }).unwrap();
+    /// assert_eq!(conn.transaction_depth(), 0);
+    /// # }
+    /// ```
+    pub fn transaction_depth(&mut self) -> usize {
+        self.sync();
+        self.state.stack.depth()
+    }
+
+    /// Registers `f` to run once, after the outermost transaction COMMITs successfully.
+    ///
+    /// - Outside a transaction it runs at once (autocommit has already committed).
+    /// - Inside a savepoint that rolls back, or a transaction that rolls back or fails to
+    ///   commit, it is discarded unrun and its captured values are dropped.
+    /// - Commit hooks run in registration order across all levels, after COMMIT returned and
+    ///   the transaction is closed.
+    /// - `f` may return `()` or a `Result`; an `Err` or a panic is caught and reported, and
+    ///   does not stop the hooks after it.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::prelude::*;
+    /// use diesel_transaction_signals::SignalConnection;
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+    /// let log = Arc::new(Mutex::new(Vec::new()));
+    /// let l = log.clone();
+    /// let _ = conn.transaction(|conn| {
+    ///     let l2 = l.clone();
+    ///     conn.on_commit(move || l2.lock().unwrap().push("kept"));
+    ///     // A nested transaction is a savepoint; rolling it back discards its hooks.
+    ///     let _ = conn.transaction(|conn| {
+    ///         let l3 = l.clone();
+    ///         conn.on_commit(move || l3.lock().unwrap().push("discarded"));
+    ///         Err::<(), _>(diesel::result::Error::RollbackTransaction)
+    ///     });
+    ///     QueryResult::Ok(())
+    /// });
+    /// assert_eq!(*log.lock().unwrap(), ["kept"]);
+    /// # }
+    /// ```
+    #[track_caller]
+    pub fn on_commit<F, R>(&mut self, f: F)
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: HookOutput,
+    {
+        let hook = Hook::commit(f, Location::caller());
+        self.sync();
+        self.state.register(hook);
+    }
+
+    /// Registers `f` to run once when the work it guards is undone: its savepoint or any
+    /// enclosing level rolls back, the outermost COMMIT fails, or the database turned it into
+    /// a rollback. It runs at that moment (a savepoint's rollback hooks run while the enclosing
+    /// transaction goes on).
+    ///
+    /// Outside a transaction there is nothing to roll back: `f` is dropped unrun (a debug-level
+    /// log line records it).
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::prelude::*;
+    /// use diesel_transaction_signals::SignalConnection;
+    /// use std::sync::mpsc;
+    ///
+    /// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+    /// let (tx, rx) = mpsc::channel();
+    /// let result: QueryResult<()> = conn.transaction(|conn| {
+    ///     conn.on_rollback(move || tx.send("release the reserved seat").unwrap());
+    ///     Err(diesel::result::Error::RollbackTransaction)
+    /// });
+    /// assert!(result.is_err());
+    /// assert_eq!(rx.try_recv(), Ok("release the reserved seat"));
+    /// # }
+    /// ```
+    #[track_caller]
+    pub fn on_rollback<F, R>(&mut self, f: F)
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: HookOutput,
+    {
+        let hook = Hook::rollback(f, Location::caller());
+        self.sync();
+        self.state.register(hook);
+    }
+
+    /// Registers `f` to run once when the fate of the work it guards is settled, with the
+    /// [`Outcome`]: at the end of the outermost transaction, or `RolledBack` when an enclosing
+    /// savepoint rolls back. Outside a transaction it runs at once with `Committed`.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::prelude::*;
+    /// use diesel_transaction_signals::{Outcome, SignalConnection};
+    /// use std::sync::mpsc;
+    ///
+    /// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+    /// let (tx, rx) = mpsc::channel();
+    /// conn.transaction(|conn| {
+    ///     conn.on_complete(move |outcome| tx.send(outcome).unwrap());
+    ///     QueryResult::Ok(())
+    /// }).unwrap();
+    /// assert_eq!(rx.try_recv(), Ok(Outcome::Committed));
+    /// # }
+    /// ```
+    #[track_caller]
+    pub fn on_complete<F, R>(&mut self, f: F)
+    where
+        F: FnOnce(Outcome) -> R + Send + 'static,
+        R: HookOutput,
+    {
+        let hook = Hook::complete(f, Location::caller());
+        self.sync();
+        self.state.register(hook);
+    }
+
+    /// Runs `f` and takes out the hooks it registered in the current transaction, so a test can
+    /// inspect them and run them, as Django's `captureOnCommitCallbacks` does.
+    ///
+    /// A transaction opened with [`begin_test_transaction`](Connection::begin_test_transaction)
+    /// never commits, so its hooks never run on their own; capture them instead. Hooks
+    /// registered in savepoints that `f` released are captured; those of savepoints `f` rolled
+    /// back have already been settled. Returns [`Error::NotInTransaction`] outside a
+    /// transaction (hooks would run at once and there would be nothing to capture).
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::prelude::*;
+    /// use diesel_transaction_signals::SignalConnection;
+    /// use std::sync::mpsc;
+    ///
+    /// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+    /// conn.begin_test_transaction().unwrap();
+    /// let (tx, rx) = mpsc::channel();
+    /// let ((), hooks) = conn.capture_hooks(|conn| {
+    ///     conn.on_commit(move || tx.send("welcome e-mail").unwrap());
+    /// }).unwrap();
+    /// assert_eq!(hooks.len(), 1);
+    /// assert!(rx.try_recv().is_err());
+    /// assert_eq!(hooks.run_as_committed(), 1);
+    /// assert_eq!(rx.try_recv(), Ok("welcome e-mail"));
+    /// # }
+    /// ```
+    pub fn capture_hooks<R>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> R,
+    ) -> QueryResult<(R, crate::CapturedHooks)> {
+        self.sync();
+        let depth = self.state.stack.depth();
+        if depth == 0 {
+            return Err(Error::NotInTransaction);
+        }
+        let start = self.state.stack.hooks.len();
+        let value = f(self);
+        self.sync();
+        let stack = &mut self.state.stack;
+        let hooks = if stack.depth() < depth {
+            // `f` closed the level it was called in; its hooks are settled already.
+            Vec::new()
+        } else {
+            let end = stack
+                .levels
+                .get(depth)
+                .map_or(stack.hooks.len(), |l| l.start);
+            let start = start.min(end);
+            let taken: Vec<Hook> = stack.hooks.drain(start..end).collect();
+            for l in &mut stack.levels[depth..] {
+                l.start -= taken.len();
+            }
+            taken
+        };
+        Ok((value, crate::CapturedHooks::new(hooks, self.state.id)))
+    }
+
+    /// Moves `defer`red hooks into place and settles levels that ended behind the wrapper's
+    /// back. Called at the start of every operation.
+    #[inline]
+    pub(crate) fn sync(&mut self) {
+        self.state.drain_inbox();
+        let open = self.state.stack.depth();
+        if open == 0 {
+            return;
+        }
+        match InnerState::read(&mut self.inner) {
+            InnerState::Open { depth, .. } if depth >= open => {}
+            InnerState::Broken => {}
+            inner => {
+                log::warn!(
+                    target: "diesel_transaction_signals",
+                    "connection {}: {} transaction level(s) ended without the wrapper \
+                     (raw COMMIT/ROLLBACK SQL, or a transaction driven through inner_mut())",
+                    self.state.id,
+                    open - inner.depth()
+                );
+                while self.state.stack.depth() > inner.depth() {
+                    self.state.finish_level(
+                        Outcome::Unknown,
+                        "its transaction ended outside the wrapper's control",
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl<C> fmt::Debug for SignalConnection<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignalConnection")
+            .field("id", &self.state.id)
+            .field("levels", &self.state.stack.depth())
+            .field("pending_hooks", &self.state.stack.hooks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: SimpleConnection> SimpleConnection for SignalConnection<C> {
+    fn batch_execute(&mut self, query: &str) -> QueryResult<()> {
+        self.inner.batch_execute(query)
+    }
+}
+
+impl<C: Connection> ConnectionSealed for SignalConnection<C> {}
+
+impl<C: Connection> Connection for SignalConnection<C> {
+    type Backend = C::Backend;
+    type TransactionManager = SignalTransactionManager<C>;
+
+    fn establish(database_url: &str) -> ConnectionResult<Self> {
+        C::establish(database_url).map(Self::new)
+    }
+
+    /// As Diesel's, and marks the level so that its hooks are discarded, not run, when the
+    /// connection is dropped: a test transaction never commits. Use
+    /// [`capture_hooks`](SignalConnection::capture_hooks) to run them.
+    fn begin_test_transaction(&mut self) -> QueryResult<()> {
+        match Self::TransactionManager::transaction_manager_status_mut(self) {
+            TransactionManagerStatus::Valid(valid_status) => {
+                assert_eq!(None, valid_status.transaction_depth())
+            }
+            TransactionManagerStatus::InError => panic!("Transaction manager in error"),
+        };
+        Self::TransactionManager::begin_transaction(self)?;
+        Self::TransactionManager::transaction_manager_status_mut(self).set_test_transaction_flag();
+        self.state.test_transaction = true;
+        Ok(())
+    }
+
+    fn execute_returning_count<T>(&mut self, source: &T) -> QueryResult<usize>
+    where
+        T: QueryFragment<Self::Backend> + QueryId,
+    {
+        self.inner.execute_returning_count(source)
+    }
+
+    fn transaction_state(
+        &mut self,
+    ) -> &mut <Self::TransactionManager as TransactionManager<Self>>::TransactionStateData {
+        self.inner.transaction_state()
+    }
+
+    fn instrumentation(&mut self) -> &mut dyn Instrumentation {
+        self.inner.instrumentation()
+    }
+
+    fn set_instrumentation(&mut self, instrumentation: impl Instrumentation) {
+        self.inner.set_instrumentation(instrumentation)
+    }
+
+    fn set_prepared_statement_cache_size(&mut self, size: CacheSize) {
+        self.inner.set_prepared_statement_cache_size(size)
+    }
+}
+
+impl<B, C> LoadConnection<B> for SignalConnection<C>
+where
+    C: LoadConnection<B>,
+{
+    type Cursor<'conn, 'query>
+        = C::Cursor<'conn, 'query>
+    where
+        Self: 'conn;
+    type Row<'conn, 'query>
+        = C::Row<'conn, 'query>
+    where
+        Self: 'conn;
+
+    fn load<'conn, 'query, T>(
+        &'conn mut self,
+        source: T,
+    ) -> QueryResult<Self::Cursor<'conn, 'query>>
+    where
+        T: Query + QueryFragment<Self::Backend> + QueryId + 'query,
+        Self::Backend: QueryMetadata<T::SqlType>,
+    {
+        self.inner.load(source)
+    }
+}
+
+impl<C: WithMetadataLookup> WithMetadataLookup for SignalConnection<C> {
+    fn metadata_lookup(&mut self) -> &mut <Self::Backend as TypeMetadata>::MetadataLookup {
+        self.inner.metadata_lookup()
+    }
+}
+
+impl<C: diesel::connection::MultiConnectionHelper> diesel::connection::MultiConnectionHelper
+    for SignalConnection<C>
+{
+    fn to_any<'a>(
+        lookup: &mut <Self::Backend as TypeMetadata>::MetadataLookup,
+    ) -> &mut (dyn std::any::Any + 'a) {
+        C::to_any(lookup)
+    }
+
+    fn from_any(
+        lookup: &mut dyn std::any::Any,
+    ) -> Option<&mut <Self::Backend as TypeMetadata>::MetadataLookup> {
+        C::from_any(lookup)
+    }
+}
+
+impl<C: MigrationConnection> MigrationConnection for SignalConnection<C> {
+    fn setup(&mut self) -> QueryResult<usize> {
+        self.inner.setup()
+    }
+}
+
+impl<Changes, Output, C> diesel::query_dsl::UpdateAndFetchResults<Changes, Output>
+    for SignalConnection<C>
+where
+    C: diesel::query_dsl::UpdateAndFetchResults<Changes, Output>,
+{
+    fn update_and_fetch(&mut self, changeset: Changes) -> QueryResult<Output> {
+        self.inner.update_and_fetch(changeset)
+    }
+}
+
+#[cfg(feature = "r2d2")]
+impl<C: diesel::r2d2::R2D2Connection> diesel::r2d2::R2D2Connection for SignalConnection<C> {
+    fn ping(&mut self) -> QueryResult<()> {
+        self.inner.ping()
+    }
+
+    /// Broken when the inner connection is, or when a transaction (other than a test
+    /// transaction) is still open: the pool then discards it, which rolls the transaction back
+    /// and runs its rollback hooks, so no hook crosses into the connection's next use.
+    fn is_broken(&mut self) -> bool {
+        self.sync();
+        self.inner.is_broken()
+            || (self.state.stack.depth() > 0 && !self.state.test_transaction)
+    }
+}

@@ -1,0 +1,526 @@
+//! Hooks: what they are, how a failing one is reported, and the per-connection stack that holds
+//! them while their transaction is open.
+//!
+//! A [`HookStack`] keeps every pending hook of one connection in a single `Vec`, in registration
+//! order, and a stack of [`Level`]s, one per open transaction level (the outermost transaction and
+//! each savepoint). A level owns the hooks from its `start` index to the start of the next level.
+//! So releasing a savepoint is free (its hooks simply become part of the enclosing level, keeping
+//! the global registration order), rolling one back drains the tail of the `Vec`, and the
+//! outermost end drains everything.
+
+use std::any::Any;
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe, Location};
+use std::sync::{Arc, RwLock};
+
+use crate::ConnectionId;
+
+/// How a transaction ended, as seen by an [`on_complete`](crate::SignalConnection::on_complete)
+/// hook.
+///
+/// # Example
+///
+/// ```
+/// use diesel_transaction_signals::Outcome;
+///
+/// fn describe(outcome: Outcome) -> &'static str {
+///     match outcome {
+///         Outcome::Committed => "the work is in the database",
+///         Outcome::RolledBack => "the work was undone",
+///         Outcome::Unknown => "the connection broke during COMMIT: check the database",
+///     }
+/// }
+/// assert_eq!(describe(Outcome::Committed), "the work is in the database");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The outermost COMMIT succeeded: the work is durable.
+    Committed,
+    /// The work was undone: a rollback, a failed COMMIT, a COMMIT that PostgreSQL turned into a
+    /// rollback, a panic, or a connection that broke before COMMIT was sent.
+    RolledBack,
+    /// The connection broke while COMMIT was in flight, or the transaction ended behind the
+    /// wrapper's back (raw `COMMIT`/`ROLLBACK` SQL): it may or may not have committed. Neither
+    /// commit nor rollback hooks run; `on_complete` hooks receive this value. Spring reports the
+    /// same case as `STATUS_UNKNOWN`.
+    Unknown,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Outcome::Committed => "committed",
+            Outcome::RolledBack => "rolled back",
+            Outcome::Unknown => "unknown",
+        })
+    }
+}
+
+/// Which registration a hook came from.
+///
+/// # Example
+///
+/// ```
+/// use diesel_transaction_signals::HookKind;
+///
+/// assert_eq!(HookKind::Commit.to_string(), "on_commit");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HookKind {
+    /// Registered with `on_commit`, [`defer`](crate::defer) or [`defer!`](crate::defer!).
+    Commit,
+    /// Registered with `on_rollback`.
+    Rollback,
+    /// Registered with `on_complete`.
+    Complete,
+}
+
+impl fmt::Display for HookKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HookKind::Commit => "on_commit",
+            HookKind::Rollback => "on_rollback",
+            HookKind::Complete => "on_complete",
+        })
+    }
+}
+
+/// Why a hook failed.
+///
+/// # Example
+///
+/// ```
+/// use diesel_transaction_signals::FailureCause;
+///
+/// let cause = FailureCause::Panicked("boom".into());
+/// assert_eq!(cause.message(), "boom");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureCause {
+    /// The hook panicked; the panic was caught. Holds the panic message.
+    Panicked(String),
+    /// The hook returned `Err`; holds the error's `Display` text.
+    Returned(String),
+}
+
+impl FailureCause {
+    /// The panic message or the error text.
+    ///
+    /// ```
+    /// use diesel_transaction_signals::FailureCause;
+    /// assert_eq!(FailureCause::Returned("smtp down".into()).message(), "smtp down");
+    /// ```
+    pub fn message(&self) -> &str {
+        match self {
+            FailureCause::Panicked(m) | FailureCause::Returned(m) => m,
+        }
+    }
+}
+
+/// A report of a hook that panicked or returned an error.
+///
+/// A failing hook never stops the hooks after it and never turns a committed transaction into
+/// an error: the failure is caught, logged at error level (target
+/// `diesel_transaction_signals`) and passed to the handler set with
+/// [`set_failure_handler`], if any.
+///
+/// # Example
+///
+/// ```
+/// use diesel_transaction_signals::{FailureCause, HookFailure};
+///
+/// fn alert(failure: &HookFailure) -> String {
+///     format!("{} hook from {} failed: {}", failure.kind(), failure.location(), failure.cause().message())
+/// }
+/// # let _ = alert;
+/// ```
+#[derive(Debug, Clone)]
+pub struct HookFailure {
+    kind: HookKind,
+    location: &'static Location<'static>,
+    connection: Option<ConnectionId>,
+    cause: FailureCause,
+}
+
+impl HookFailure {
+    /// Which kind of hook failed.
+    ///
+    /// ```
+    /// # use diesel_transaction_signals::HookFailure;
+    /// fn is_commit(f: &HookFailure) -> bool { f.kind() == diesel_transaction_signals::HookKind::Commit }
+    /// # let _ = is_commit;
+    /// ```
+    pub fn kind(&self) -> HookKind {
+        self.kind
+    }
+
+    /// Where the hook was registered (`file:line:column`).
+    ///
+    /// ```
+    /// # use diesel_transaction_signals::HookFailure;
+    /// fn file(f: &HookFailure) -> &str { f.location().file() }
+    /// # let _ = file;
+    /// ```
+    pub fn location(&self) -> &'static Location<'static> {
+        self.location
+    }
+
+    /// The connection whose transaction the hook belonged to; `None` for a hook that ran at once
+    /// because no transaction was open.
+    ///
+    /// ```
+    /// # use diesel_transaction_signals::HookFailure;
+    /// fn conn(f: &HookFailure) -> String { f.connection().map_or("none".into(), |c| c.to_string()) }
+    /// # let _ = conn;
+    /// ```
+    pub fn connection(&self) -> Option<ConnectionId> {
+        self.connection
+    }
+
+    /// The panic message or returned error.
+    ///
+    /// ```
+    /// # use diesel_transaction_signals::HookFailure;
+    /// fn msg(f: &HookFailure) -> &str { f.cause().message() }
+    /// # let _ = msg;
+    /// ```
+    pub fn cause(&self) -> &FailureCause {
+        &self.cause
+    }
+}
+
+impl fmt::Display for HookFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verb = match self.cause {
+            FailureCause::Panicked(_) => "panicked",
+            FailureCause::Returned(_) => "returned an error",
+        };
+        write!(f, "{} hook registered at {} {}", self.kind, self.location, verb)?;
+        if let Some(c) = self.connection {
+            write!(f, " (connection {c})")?;
+        }
+        write!(f, ": {}", self.cause.message())
+    }
+}
+
+impl std::error::Error for HookFailure {}
+
+type FailureHandler = Arc<dyn Fn(&HookFailure) + Send + Sync + 'static>;
+
+static FAILURE_HANDLER: RwLock<Option<FailureHandler>> = RwLock::new(None);
+
+/// Sets the process-wide handler called with every [`HookFailure`] (after it is logged), or
+/// removes it with `None`. Returns the previous handler.
+///
+/// The handler runs on the thread that ran the hook. A handler that panics is caught too and
+/// only logged.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use diesel_transaction_signals::{set_failure_handler, HookFailure};
+///
+/// let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+/// let sink = seen.clone();
+/// set_failure_handler(Some(Box::new(move |f: &HookFailure| {
+///     sink.lock().unwrap().push(f.cause().message().to_owned())
+/// })));
+/// diesel_transaction_signals::defer(|| panic!("mail server down")); // no transaction: runs now
+/// assert_eq!(seen.lock().unwrap().as_slice(), ["mail server down"]);
+/// set_failure_handler(None);
+/// ```
+#[allow(clippy::type_complexity)]
+pub fn set_failure_handler(
+    handler: Option<Box<dyn Fn(&HookFailure) + Send + Sync + 'static>>,
+) -> Option<Box<dyn Fn(&HookFailure) + Send + Sync + 'static>> {
+    let new: Option<FailureHandler> = handler.map(Arc::from);
+    let old = std::mem::replace(
+        &mut *FAILURE_HANDLER.write().unwrap_or_else(|e| e.into_inner()),
+        new,
+    );
+    old.map(|h| Box::new(move |f: &HookFailure| h(f)) as Box<_>)
+}
+
+fn report(failure: HookFailure) {
+    log::error!(target: "diesel_transaction_signals", "{failure}");
+    let handler = FAILURE_HANDLER
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some(handler) = handler {
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| handler(&failure))) {
+            log::error!(
+                target: "diesel_transaction_signals",
+                "the hook failure handler panicked: {}",
+                panic_message(&*p)
+            );
+        }
+    }
+}
+
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "<non-string panic payload>".to_owned()
+    }
+}
+
+/// What a hook closure may return: `()` or a `Result` whose `Err` is reported as a
+/// [`HookFailure`] instead of being silently dropped.
+///
+/// # Example
+///
+/// ```
+/// # #[cfg(feature = "sqlite")] {
+/// use diesel::prelude::*;
+/// use diesel_transaction_signals::SignalConnection;
+///
+/// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+/// conn.transaction(|conn| {
+///     // An `Err` returned here is logged and sent to the failure handler.
+///     conn.on_commit(|| -> Result<(), String> { Ok(()) });
+///     QueryResult::Ok(())
+/// }).unwrap();
+/// # }
+/// ```
+pub trait HookOutput: sealed::Sealed {
+    /// `None` for success, else the failure's text.
+    #[doc(hidden)]
+    fn into_failure(self) -> Option<String>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for () {}
+    impl<T, E: std::fmt::Display> Sealed for Result<T, E> {}
+}
+
+impl HookOutput for () {
+    #[inline]
+    fn into_failure(self) -> Option<String> {
+        None
+    }
+}
+
+impl<T, E: fmt::Display> HookOutput for Result<T, E> {
+    #[inline]
+    fn into_failure(self) -> Option<String> {
+        self.err().map(|e| e.to_string())
+    }
+}
+
+pub(crate) type ThunkFn = Box<dyn FnOnce() -> Option<String> + Send + 'static>;
+pub(crate) type CompleteFn = Box<dyn FnOnce(Outcome) -> Option<String> + Send + 'static>;
+
+pub(crate) enum Callback {
+    Commit(ThunkFn),
+    Rollback(ThunkFn),
+    Complete(CompleteFn),
+}
+
+/// One registered hook: its closure and where it was registered.
+pub(crate) struct Hook {
+    callback: Callback,
+    location: &'static Location<'static>,
+}
+
+impl Hook {
+    #[inline]
+    pub(crate) fn commit<F, R>(f: F, location: &'static Location<'static>) -> Self
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: HookOutput,
+    {
+        Hook {
+            callback: Callback::Commit(Box::new(move || f().into_failure())),
+            location,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn rollback<F, R>(f: F, location: &'static Location<'static>) -> Self
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: HookOutput,
+    {
+        Hook {
+            callback: Callback::Rollback(Box::new(move || f().into_failure())),
+            location,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn complete<F, R>(f: F, location: &'static Location<'static>) -> Self
+    where
+        F: FnOnce(Outcome) -> R + Send + 'static,
+        R: HookOutput,
+    {
+        Hook {
+            callback: Callback::Complete(Box::new(move |o| f(o).into_failure())),
+            location,
+        }
+    }
+
+    pub(crate) fn kind(&self) -> HookKind {
+        match self.callback {
+            Callback::Commit(_) => HookKind::Commit,
+            Callback::Rollback(_) => HookKind::Rollback,
+            Callback::Complete(_) => HookKind::Complete,
+        }
+    }
+
+    pub(crate) fn location(&self) -> &'static Location<'static> {
+        self.location
+    }
+
+    /// Runs the hook if it applies to `outcome` and returns whether it ran. A hook that does
+    /// not apply is dropped here (its captured values are freed).
+    pub(crate) fn settle(self, outcome: Outcome, conn: Option<ConnectionId>) -> bool {
+        let location = self.location;
+        let (kind, result) = match (self.callback, outcome) {
+            (Callback::Commit(f), Outcome::Committed) => (HookKind::Commit, run_caught(f)),
+            (Callback::Rollback(f), Outcome::RolledBack) => (HookKind::Rollback, run_caught(f)),
+            (Callback::Complete(f), o) => (HookKind::Complete, run_caught(move || f(o))),
+            _ => return false,
+        };
+        if let Err(cause) = result {
+            report(HookFailure {
+                kind,
+                location,
+                connection: conn,
+                cause,
+            });
+        }
+        true
+    }
+}
+
+#[inline]
+fn run_caught(f: impl FnOnce() -> Option<String>) -> Result<(), FailureCause> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(None) => Ok(()),
+        Ok(Some(err)) => Err(FailureCause::Returned(err)),
+        Err(payload) => Err(FailureCause::Panicked(panic_message(&*payload))),
+    }
+}
+
+/// Settles `hooks` for `outcome` and logs what was dropped unrun: at debug level where that is
+/// the normal fate (commit hooks of rolled-back work), at error level where nobody can know
+/// (`Unknown`).
+pub(crate) fn settle_all(
+    hooks: impl Iterator<Item = Hook>,
+    outcome: Outcome,
+    conn: Option<ConnectionId>,
+    why: &str,
+) -> Settled {
+    let mut settled = Settled::default();
+    for hook in hooks {
+        let kind = hook.kind();
+        let location = hook.location();
+        if hook.settle(outcome, conn) {
+            settled.ran += 1;
+        } else {
+            settled.discarded += 1;
+            if outcome == Outcome::Unknown {
+                log::error!(
+                    target: "diesel_transaction_signals",
+                    "{kind} hook registered at {location} dropped unrun: {why}; the outcome of the transaction is unknown{}",
+                    conn.map(|c| format!(" (connection {c})")).unwrap_or_default()
+                );
+            } else {
+                log::debug!(
+                    target: "diesel_transaction_signals",
+                    "{kind} hook registered at {location} discarded: {why}"
+                );
+            }
+        }
+    }
+    settled
+}
+
+/// Counts of hooks settled at the end of a level.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Settled {
+    pub(crate) ran: usize,
+    pub(crate) discarded: usize,
+}
+
+/// One open transaction level (the outermost transaction or a savepoint).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Level {
+    /// Index in [`HookStack::hooks`] of this level's first hook.
+    pub(crate) start: usize,
+    /// Unique (per connection) serial number, so `defer!` can name a level without a reference.
+    pub(crate) serial: u64,
+}
+
+/// The pending hooks and open levels of one connection.
+#[derive(Default)]
+pub(crate) struct HookStack {
+    pub(crate) hooks: Vec<Hook>,
+    pub(crate) levels: Vec<Level>,
+    next_serial: u64,
+}
+
+impl HookStack {
+    /// Opens a level and returns its serial.
+    #[inline]
+    pub(crate) fn open(&mut self) -> u64 {
+        self.next_serial += 1;
+        let serial = self.next_serial;
+        self.levels.push(Level {
+            start: self.hooks.len(),
+            serial,
+        });
+        serial
+    }
+
+    #[inline]
+    pub(crate) fn depth(&self) -> usize {
+        self.levels.len()
+    }
+
+    /// Adds a hook to the innermost level. Must only be called with a level open.
+    #[inline]
+    pub(crate) fn push(&mut self, hook: Hook) {
+        debug_assert!(!self.levels.is_empty());
+        self.hooks.push(hook);
+    }
+
+    /// Adds a hook to the level with `serial`; returns it back if no such level is open.
+    pub(crate) fn push_to(&mut self, serial: u64, hook: Hook) -> Result<(), Hook> {
+        let Some(idx) = self.levels.iter().rposition(|l| l.serial == serial) else {
+            return Err(hook);
+        };
+        if idx + 1 == self.levels.len() {
+            self.hooks.push(hook);
+        } else {
+            // A level below the innermost (only reachable through a `defer!` from another
+            // thread's stale view): insert at the end of that level's range.
+            let at = self.levels[idx + 1].start;
+            self.hooks.insert(at, hook);
+            for l in &mut self.levels[idx + 1..] {
+                l.start += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the innermost level after a successful savepoint RELEASE: its hooks now belong to
+    /// the enclosing level. Returns the closed level.
+    #[inline]
+    pub(crate) fn release(&mut self) -> Option<Level> {
+        self.levels.pop()
+    }
+
+    /// Closes the innermost level, taking its hooks. Returns the level and its hooks.
+    #[inline]
+    pub(crate) fn close(&mut self) -> Option<(Level, std::vec::Drain<'_, Hook>)> {
+        let level = self.levels.pop()?;
+        Some((level, self.hooks.drain(level.start..)))
+    }
+}

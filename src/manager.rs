@@ -1,0 +1,354 @@
+//! The transaction manager of [`SignalConnection`]: Diesel's state machine, with hooks settled at
+//! each transition.
+//!
+//! # States
+//!
+//! The wrapper does not keep a transaction depth of its own: the inner connection's transaction
+//! manager is the single source of truth, and the inner connection rewrites it behind any
+//! manager's back (PostgreSQL reads libpq's status after every query, SQLite resets it after an
+//! error in autocommit). So every transition re-reads the inner status, as [`InnerState`]:
+//!
+//! | inner status | meaning |
+//! |---|---|
+//! | `Idle` | no transaction open |
+//! | `Open { depth, aborted }` | `depth` levels open (1 = `BEGIN`, more = savepoints); `aborted` when the database has aborted the transaction (PostgreSQL after an error, MySQL after a deadlock) and a COMMIT would silently become a ROLLBACK |
+//! | `Broken` | the manager is `InError` (lost connection, failed rollback): no transaction operation will run again, nothing will be committed |
+//!
+//! Beside it the wrapper keeps one [`Level`](crate::hooks::Level) of hooks per level it saw
+//! open. Before every operation [`SignalConnection::sync`] makes the two agree: levels the inner
+//! status no longer has ended behind the wrapper's back (raw `COMMIT`/`ROLLBACK` SQL) and settle
+//! as [`Outcome::Unknown`].
+//!
+//! # Transitions
+//!
+//! | operation | inner status before | SQL | hooks |
+//! |---|---|---|---|
+//! | begin | `Idle`/`Open(n)` | `BEGIN` / `SAVEPOINT` | open a level, enter it in the thread registry |
+//! | commit | `Open(n > 1)` | `RELEASE SAVEPOINT` | ok: the level's hooks join the enclosing level; error and the savepoint is gone: rollback hooks of the level run |
+//! | commit | `Open(1)`, not aborted | `COMMIT` | ok: commit and complete hooks run (`Committed`); error: rollback hooks run (`RolledBack`), or nothing but complete hooks (`Unknown`) when the connection was lost during COMMIT |
+//! | commit | `Open(1)`, aborted | `ROLLBACK` | rollback hooks run (`RolledBack`), [`TransactionAborted`](crate::TransactionAborted) is returned |
+//! | commit / rollback | `Broken` | none | every level settles `RolledBack`: nothing can commit any more |
+//! | rollback | `Open(n)` | `ROLLBACK [TO SAVEPOINT]` | the innermost level's rollback hooks run |
+//!
+//! Hooks always run after the SQL returned and after the level left the registry, so a hook
+//! holds no database lock and a hook that registers hooks never lands in the level that is
+//! ending.
+
+use std::marker::PhantomData;
+
+use diesel::connection::{
+    Connection, TransactionManager, TransactionManagerStatus, ValidTransactionManagerStatus,
+};
+use diesel::result::{DatabaseErrorKind, Error, QueryResult};
+
+use crate::error::TransactionAborted;
+use crate::{Outcome, SignalConnection};
+
+/// The [`TransactionManager`] of [`SignalConnection<C>`]: wraps `C`'s own manager and settles
+/// hooks at every transition (see the [module docs](self) for the state machine).
+///
+/// Users never name it; it is public because `Connection::TransactionManager` must be.
+///
+/// # Example
+///
+/// ```
+/// # #[cfg(feature = "sqlite")] {
+/// use diesel::connection::{Connection, TransactionManager};
+/// use diesel::sqlite::SqliteConnection;
+/// use diesel_transaction_signals::{SignalConnection, SignalTransactionManager};
+///
+/// // Pools and other generic code drive the manager directly; hooks still run.
+/// type Manager = SignalTransactionManager<SqliteConnection>;
+/// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+/// let (tx, rx) = std::sync::mpsc::channel();
+/// Manager::begin_transaction(&mut conn).unwrap();
+/// conn.on_commit(move || tx.send("committed").unwrap());
+/// Manager::commit_transaction(&mut conn).unwrap();
+/// assert_eq!(rx.try_recv(), Ok("committed"));
+/// # }
+/// ```
+pub struct SignalTransactionManager<C>(PhantomData<fn() -> C>);
+
+impl<C> std::fmt::Debug for SignalTransactionManager<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SignalTransactionManager")
+    }
+}
+
+/// The inner connection's transaction status, read fresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InnerState {
+    Idle,
+    Open { depth: usize, aborted: bool },
+    Broken,
+}
+
+impl InnerState {
+    pub(crate) fn read<C: Connection>(conn: &mut C) -> Self {
+        match C::TransactionManager::transaction_manager_status_mut(conn) {
+            TransactionManagerStatus::InError => InnerState::Broken,
+            TransactionManagerStatus::Valid(ValidTransactionManagerStatus {
+                in_transaction: None,
+                ..
+            }) => InnerState::Idle,
+            TransactionManagerStatus::Valid(ValidTransactionManagerStatus {
+                in_transaction: Some(s),
+                ..
+            }) => InnerState::Open {
+                depth: s.transaction_depth.get() as usize,
+                aborted: s.requires_rollback_maybe_up_to_top_level,
+            },
+        }
+    }
+
+    /// Levels open, counting a broken manager as none: nothing there will ever commit.
+    pub(crate) fn depth(self) -> usize {
+        match self {
+            InnerState::Open { depth, .. } => depth,
+            InnerState::Idle | InnerState::Broken => 0,
+        }
+    }
+}
+
+/// Whether a COMMIT that failed with `err` may nevertheless have committed: the connection was
+/// lost while COMMIT was in flight, so only the server knows.
+fn commit_fate_unknown(err: &Error, broken_after: bool) -> bool {
+    match err {
+        Error::RollbackErrorOnCommit { commit_error, .. } => connection_lost(commit_error),
+        Error::DatabaseError(..) => connection_lost(err) || broken_after,
+        // Errors raised before anything was sent (a broken manager, no transaction).
+        Error::BrokenTransactionManager | Error::NotInTransaction => false,
+        _ => broken_after,
+    }
+}
+
+fn connection_lost(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::DatabaseError(
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+            _
+        )
+    )
+}
+
+impl<C: Connection> TransactionManager<SignalConnection<C>> for SignalTransactionManager<C> {
+    type TransactionStateData =
+        <C::TransactionManager as TransactionManager<C>>::TransactionStateData;
+
+    fn begin_transaction(conn: &mut SignalConnection<C>) -> QueryResult<()> {
+        conn.sync();
+        C::TransactionManager::begin_transaction(&mut conn.inner)?;
+        conn.state.open_level();
+        Ok(())
+    }
+
+    fn rollback_transaction(conn: &mut SignalConnection<C>) -> QueryResult<()> {
+        conn.sync();
+        let result = C::TransactionManager::rollback_transaction(&mut conn.inner);
+        let after = InnerState::read(&mut conn.inner).depth();
+        let why = if result.is_ok() {
+            "rolled back"
+        } else {
+            "the rollback failed; the database discards the work when the connection closes"
+        };
+        while conn.state.stack.depth() > after {
+            conn.state.finish_level(Outcome::RolledBack, why);
+        }
+        result
+    }
+
+    fn commit_transaction(conn: &mut SignalConnection<C>) -> QueryResult<()> {
+        conn.sync();
+        let before = InnerState::read(&mut conn.inner);
+        match before {
+            InnerState::Open {
+                depth: 1,
+                aborted: true,
+            } => {
+                // COMMIT would silently become ROLLBACK (PostgreSQL), or the server already
+                // rolled back (MySQL deadlock): say so instead of reporting success.
+                let rollback = C::TransactionManager::rollback_transaction(&mut conn.inner);
+                conn.state.finish_all(
+                    Outcome::RolledBack,
+                    "the transaction was aborted by an earlier database error",
+                );
+                let aborted = TransactionAborted::into_error();
+                return Err(match rollback {
+                    Ok(()) => aborted,
+                    Err(rollback_error) => Error::RollbackErrorOnCommit {
+                        rollback_error: Box::new(rollback_error),
+                        commit_error: Box::new(aborted),
+                    },
+                });
+            }
+            InnerState::Broken => {
+                let result = C::TransactionManager::commit_transaction(&mut conn.inner);
+                conn.state.finish_all(
+                    Outcome::RolledBack,
+                    "the connection broke before COMMIT was sent",
+                );
+                return result;
+            }
+            _ => {}
+        }
+        let result = C::TransactionManager::commit_transaction(&mut conn.inner);
+        let after_state = InnerState::read(&mut conn.inner);
+        let after = after_state.depth();
+        match &result {
+            Ok(()) => {
+                while conn.state.stack.depth() > after {
+                    if conn.state.stack.depth() == 1 {
+                        conn.state.finish_level(Outcome::Committed, "committed");
+                    } else {
+                        conn.state.release_level();
+                    }
+                }
+            }
+            Err(e) => {
+                let top = before == InnerState::Open { depth: 1, aborted: false };
+                let broken = after_state == InnerState::Broken;
+                let (outcome, why) = if top && commit_fate_unknown(e, broken) {
+                    (
+                        Outcome::Unknown,
+                        "the connection was lost while COMMIT was in flight",
+                    )
+                } else {
+                    (Outcome::RolledBack, "the commit failed")
+                };
+                while conn.state.stack.depth() > after {
+                    conn.state.finish_level(outcome, why);
+                }
+            }
+        }
+        result
+    }
+
+    fn transaction_manager_status_mut(
+        conn: &mut SignalConnection<C>,
+    ) -> &mut TransactionManagerStatus {
+        C::TransactionManager::transaction_manager_status_mut(&mut conn.inner)
+    }
+
+    fn transaction<F, R, E>(conn: &mut SignalConnection<C>, callback: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut SignalConnection<C>) -> Result<R, E>,
+        E: From<Error>,
+    {
+        run_transaction(conn, Self::begin_transaction, callback)
+    }
+
+    fn is_broken_transaction_manager(conn: &mut SignalConnection<C>) -> bool {
+        conn.sync();
+        C::TransactionManager::is_broken_transaction_manager(&mut conn.inner)
+    }
+}
+
+/// `Connection::transaction` with a custom begin (`BEGIN IMMEDIATE`, an isolation level), made
+/// panic-safe: a panicking closure has its level rolled back (rollback hooks run) before the
+/// panic continues, so the connection stays usable. Diesel's default leaves it open.
+pub(crate) fn run_transaction<C, R, E, B, F>(
+    conn: &mut SignalConnection<C>,
+    begin: B,
+    callback: F,
+) -> Result<R, E>
+where
+    C: Connection,
+    B: FnOnce(&mut SignalConnection<C>) -> QueryResult<()>,
+    F: FnOnce(&mut SignalConnection<C>) -> Result<R, E>,
+    E: From<Error>,
+{
+    begin(conn)?;
+    let depth = conn.state.stack.depth();
+    let mut guard = scopeguard::guard_on_unwind(conn, move |conn| {
+        // A failure is logged in `rollback_to`; the panic is what the caller sees.
+        let _ = conn.rollback_to(depth, "the transaction closure panicked");
+    });
+    let result = callback(&mut **guard);
+    let conn = scopeguard::ScopeGuard::into_inner(guard);
+    conn.sync();
+    if conn.state.stack.depth() < depth {
+        // The closure ended its own level (raw manager calls): nothing left to end here.
+        return result;
+    }
+    match result {
+        Ok(value) => {
+            let committed =
+                <SignalTransactionManager<C> as TransactionManager<_>>::commit_transaction(conn);
+            match committed {
+                Ok(()) => Ok(value),
+                Err(commit_error) => {
+                    // Diesel leaves a savepoint open when its RELEASE fails on a healthy
+                    // transaction; roll it back so the nesting stays balanced.
+                    // Logged in `rollback_to`; the commit error is the one to return.
+                    let _ = conn.rollback_to(depth, "its commit failed");
+                    Err(commit_error.into())
+                }
+            }
+        }
+        Err(user_error) => match conn.rollback_to(depth, "the closure returned an error") {
+            Ok(()) | Err(Error::BrokenTransactionManager) => Err(user_error),
+            Err(rollback_error) => Err(rollback_error.into()),
+        },
+    }
+}
+
+impl<C: Connection> SignalConnection<C> {
+    /// Rolls back until fewer than `depth` levels are open; returns the first error.
+    pub(crate) fn rollback_to(&mut self, depth: usize, why: &str) -> QueryResult<()> {
+        let mut first_error = Ok(());
+        loop {
+            self.sync();
+            let open = self.state.stack.depth();
+            if open < depth {
+                break;
+            }
+            let result =
+                <SignalTransactionManager<C> as TransactionManager<_>>::rollback_transaction(self);
+            if let Err(e) = result {
+                log::warn!(
+                    target: "diesel_transaction_signals",
+                    "connection {}: rollback after {why} failed: {e}",
+                    self.state.id
+                );
+                if first_error.is_ok() {
+                    first_error = Err(e);
+                }
+            }
+            if self.state.stack.depth() >= open {
+                // Nothing moved: give the levels up rather than loop.
+                while self.state.stack.depth() >= depth {
+                    self.state.finish_level(Outcome::RolledBack, why);
+                }
+                break;
+            }
+        }
+        first_error
+    }
+}
+
+impl<C> SignalConnection<C>
+where
+    C: Connection<TransactionManager = diesel::connection::AnsiTransactionManager>,
+{
+    /// `transaction` with a custom BEGIN statement (isolation level, `BEGIN IMMEDIATE`).
+    pub(crate) fn transaction_with_begin<T, E, F>(&mut self, begin_sql: &str, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Self) -> Result<T, E>,
+        E: From<Error>,
+    {
+        run_transaction(
+            self,
+            |conn| {
+                conn.sync();
+                diesel::connection::AnsiTransactionManager::begin_transaction_sql(
+                    &mut conn.inner,
+                    begin_sql,
+                )?;
+                conn.state.open_level();
+                Ok(())
+            },
+            f,
+        )
+    }
+}
