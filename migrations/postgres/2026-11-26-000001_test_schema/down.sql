@@ -1,0 +1,3 @@
+DROP TABLE users;
+DROP TABLE deferred_items;
+DROP TABLE items;

@@ -1,0 +1,4 @@
+DROP TABLE users;
+DROP TABLE children;
+DROP TABLE parents;
+DROP TABLE items;
