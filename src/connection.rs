@@ -16,7 +16,7 @@ use diesel::query_builder::{Query, QueryFragment, QueryId};
 use diesel::result::{ConnectionResult, Error, QueryResult};
 use diesel::sql_types::TypeMetadata;
 
-use crate::hooks::{settle_all, Hook, HookOutput, HookStack, Settled};
+use crate::hooks::{settle_all, Hook, HookStack, Settled};
 use crate::manager::{InnerState, SignalTransactionManager};
 use crate::registry::{self, Inbox};
 use crate::Outcome;
@@ -379,8 +379,9 @@ impl<C: Connection> SignalConnection<C> {
     ///   commit, it is discarded unrun and its captured values are dropped.
     /// - Commit hooks run in registration order across all levels, after COMMIT returned and
     ///   the transaction is closed.
-    /// - `f` may return `()` or a `Result`; an `Err` or a panic is caught and reported, and
-    ///   does not stop the hooks after it.
+    /// - A panic in `f` is caught and reported (see
+    ///   [`set_failure_handler`](crate::set_failure_handler)); it does not stop the hooks after
+    ///   it and does not turn the committed transaction into an error.
     ///
     /// ```
     /// # #[cfg(feature = "sqlite")] {
@@ -406,10 +407,9 @@ impl<C: Connection> SignalConnection<C> {
     /// # }
     /// ```
     #[track_caller]
-    pub fn on_commit<F, R>(&mut self, f: F)
+    pub fn on_commit<F>(&mut self, f: F)
     where
-        F: FnOnce() -> R + Send + 'static,
-        R: HookOutput,
+        F: FnOnce() + Send + 'static,
     {
         let hook = Hook::commit(f, Location::caller());
         self.sync();
@@ -441,10 +441,9 @@ impl<C: Connection> SignalConnection<C> {
     /// # }
     /// ```
     #[track_caller]
-    pub fn on_rollback<F, R>(&mut self, f: F)
+    pub fn on_rollback<F>(&mut self, f: F)
     where
-        F: FnOnce() -> R + Send + 'static,
-        R: HookOutput,
+        F: FnOnce() + Send + 'static,
     {
         let hook = Hook::rollback(f, Location::caller());
         self.sync();
@@ -471,10 +470,9 @@ impl<C: Connection> SignalConnection<C> {
     /// # }
     /// ```
     #[track_caller]
-    pub fn on_complete<F, R>(&mut self, f: F)
+    pub fn on_complete<F>(&mut self, f: F)
     where
-        F: FnOnce(Outcome) -> R + Send + 'static,
-        R: HookOutput,
+        F: FnOnce(Outcome) + Send + 'static,
     {
         let hook = Hook::complete(f, Location::caller());
         self.sync();

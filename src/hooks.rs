@@ -269,23 +269,20 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
-/// What a hook closure may return: `()` or a `Result` whose `Err` is reported as a
-/// [`HookFailure`] instead of being silently dropped.
+/// What a call deferred with [`defer!`](crate::defer!) may return: `()`, or a `Result` whose
+/// `Err` is reported as a [`HookFailure`] instead of being silently dropped.
 ///
 /// # Example
 ///
 /// ```
-/// # #[cfg(feature = "sqlite")] {
-/// use diesel::prelude::*;
-/// use diesel_transaction_signals::SignalConnection;
+/// use diesel_transaction_signals::defer;
 ///
-/// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
-/// conn.transaction(|conn| {
-///     // An `Err` returned here is logged and sent to the failure handler.
-///     conn.on_commit(|| -> Result<(), String> { Ok(()) });
-///     QueryResult::Ok(())
-/// }).unwrap();
-/// # }
+/// fn send_mail(to: &str) -> Result<(), String> {
+///     Err(format!("no route to {to}"))
+/// }
+/// // No transaction is open, so this runs at once; the `Err` is logged and sent to the
+/// // failure handler, not lost.
+/// defer!(send_mail("ada@example.com"));
 /// ```
 pub trait HookOutput: sealed::Sealed {
     /// `None` for success, else the failure's text.

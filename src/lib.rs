@@ -134,12 +134,25 @@ use std::panic::Location;
 /// # }
 /// ```
 #[track_caller]
-pub fn defer<F, R>(f: F)
+pub fn defer<F>(f: F)
+where
+    F: FnOnce() + Send + 'static,
+{
+    defer_hook(hooks::Hook::commit(f, Location::caller()));
+}
+
+/// `defer!`'s call form: the call may return a `Result`, whose `Err` is reported.
+#[doc(hidden)]
+#[track_caller]
+pub fn __defer_output<F, R>(f: F)
 where
     F: FnOnce() -> R + Send + 'static,
     R: HookOutput,
 {
-    let hook = hooks::Hook::commit(f, Location::caller());
+    defer_hook(hooks::Hook::commit(f, Location::caller()));
+}
+
+fn defer_hook(hook: hooks::Hook) {
     if let Err(hook) = registry::offer(hook) {
         hooks::settle_all(
             std::iter::once(hook),
@@ -158,7 +171,8 @@ where
 /// - `defer!(|| ...)` / `defer!(move || ...)`: a closure, run after COMMIT.
 /// - `defer!(f)`: any other expression that is a closure.
 ///
-/// The call may return `()` or a `Result`, whose `Err` is reported as a hook failure.
+/// In the call form the function may return `()` or a `Result`: an `Err` is reported as a
+/// [`HookFailure`] (logged, and passed to [`set_failure_handler`]'s handler), never dropped.
 ///
 /// ```
 /// # #[cfg(feature = "sqlite")] {
@@ -216,7 +230,7 @@ macro_rules! defer {
 macro_rules! __defer_call {
     ([$($f:tt)*] [$(($name:ident $val:expr))*] [] [$($pool:ident)*]) => {{
         $(let $name = $val;)*
-        $crate::defer(move || $($f)*($($name),*))
+        $crate::__defer_output(move || $($f)*($($name),*))
     }};
     ([$($f:tt)*] [$($bound:tt)*] [$head:expr, $($rest:expr,)*] [$next:ident $($pool:ident)*]) => {
         $crate::__defer_call!([$($f)*] [$($bound)* ($next $head)] [$($rest,)*] [$($pool)*])
