@@ -710,7 +710,6 @@ impl<C: diesel::r2d2::R2D2Connection> diesel::r2d2::R2D2Connection for SignalCon
     /// and runs its rollback hooks, so no hook crosses into the connection's next use.
     fn is_broken(&mut self) -> bool {
         self.sync();
-        self.inner.is_broken()
-            || (self.state.stack.depth() > 0 && !self.state.test_transaction)
+        self.inner.is_broken() || (self.state.stack.depth() > 0 && !self.state.test_transaction)
     }
 }

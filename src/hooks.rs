@@ -195,7 +195,11 @@ impl fmt::Display for HookFailure {
             FailureCause::Panicked(_) => "panicked",
             FailureCause::Returned(_) => "returned an error",
         };
-        write!(f, "{} hook registered at {} {}", self.kind, self.location, verb)?;
+        write!(
+            f,
+            "{} hook registered at {} {}",
+            self.kind, self.location, verb
+        )?;
         if let Some(c) = self.connection {
             write!(f, " (connection {c})")?;
         }

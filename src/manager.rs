@@ -206,7 +206,11 @@ impl<C: Connection> TransactionManager<SignalConnection<C>> for SignalTransactio
                 }
             }
             Err(e) => {
-                let top = before == InnerState::Open { depth: 1, aborted: false };
+                let top = before
+                    == InnerState::Open {
+                        depth: 1,
+                        aborted: false,
+                    };
                 let broken = after_state == InnerState::Broken;
                 let (outcome, why) = if top && commit_fate_unknown(e, broken) {
                     (

@@ -194,7 +194,10 @@ where
 {
     type Error = <CopyFromQuery<T, A> as ExecuteCopyFromDsl<PgConnection>>::Error;
 
-    fn execute(self, conn: &mut SignalConnection<PgConnection>) -> Result<usize, <Self as ExecuteCopyFromDsl<SignalConnection<PgConnection>>>::Error> {
+    fn execute(
+        self,
+        conn: &mut SignalConnection<PgConnection>,
+    ) -> Result<usize, <Self as ExecuteCopyFromDsl<SignalConnection<PgConnection>>>::Error> {
         ExecuteCopyFromDsl::<PgConnection>::execute(self, &mut conn.inner)
     }
 }

@@ -44,7 +44,11 @@ fn call_form_evaluates_arguments_now_and_calls_after_commit() {
     let mut user = User { id: 7 };
     conn.transaction(|_| {
         defer!(send_mail(user.id, subject()));
-        assert_eq!(SUBJECT_CALLS.load(Ordering::SeqCst), 1, "arguments evaluated at once");
+        assert_eq!(
+            SUBJECT_CALLS.load(Ordering::SeqCst),
+            1,
+            "arguments evaluated at once"
+        );
         assert!(SENT.lock().unwrap().is_empty(), "the call waits for COMMIT");
         user.id = 8; // later changes do not reach the deferred call
         QueryResult::Ok(())

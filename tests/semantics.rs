@@ -67,7 +67,10 @@ macro_rules! semantic_suite {
                     .unwrap()
             }
 
-            fn outcome_recorder(rec: &Recorder, label: &'static str) -> impl FnOnce(Outcome) + Send {
+            fn outcome_recorder(
+                rec: &Recorder,
+                label: &'static str,
+            ) -> impl FnOnce(Outcome) + Send {
                 let rec = rec.clone();
                 move |o| rec.push(format!("{label}:{o:?}"))
             }
@@ -88,7 +91,11 @@ macro_rules! semantic_suite {
                 let held = guard.clone();
                 conn.on_rollback(move || drop(held));
                 assert!(rec.take().is_empty());
-                assert_eq!(Arc::strong_count(&guard), 1, "the rollback hook was dropped");
+                assert_eq!(
+                    Arc::strong_count(&guard),
+                    1,
+                    "the rollback hook was dropped"
+                );
                 assert!(
                     !logs
                         .matching(log::Level::Debug, &["on_rollback hook", "never runs"])
@@ -245,7 +252,10 @@ macro_rules! semantic_suite {
                     c.on_complete(outcome_recorder(&rec, "complete"));
                     let dup = insert(c, &tag, 1);
                     assert!(
-                        matches!(dup, Err(Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _))),
+                        matches!(
+                            dup,
+                            Err(Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _))
+                        ),
                         "{dup:?}"
                     );
                     Ok(()) // the error is swallowed
@@ -386,7 +396,8 @@ macro_rules! semantic_suite {
                 );
                 let id_text = id.to_string();
                 assert_eq!(
-                    logs.matching(log::Level::Error, &["hook exploded", &id_text]).len(),
+                    logs.matching(log::Level::Error, &["hook exploded", &id_text])
+                        .len(),
                     1
                 );
                 // Rollback hooks too.
@@ -412,7 +423,11 @@ macro_rules! semantic_suite {
                         defer(rec.hook("deferred in b"));
                         QueryResult::Ok(())
                     })?;
-                    assert_eq!(rec.take(), ["b1", "deferred in b"], "b's commit runs b's hooks only");
+                    assert_eq!(
+                        rec.take(),
+                        ["b1", "deferred in b"],
+                        "b's commit runs b's hooks only"
+                    );
                     defer(rec.hook("deferred in a"));
                     QueryResult::Ok(())
                 })
@@ -496,7 +511,10 @@ macro_rules! semantic_suite {
                     QueryResult::Ok(())
                 })
                 .unwrap();
-                assert_eq!(rec.take(), ["outer hook", "registered by a hook", "outer hook end"]);
+                assert_eq!(
+                    rec.take(),
+                    ["outer hook", "registered by a hook", "outer hook end"]
+                );
                 assert_eq!(Arc::strong_count(&token), 1, "captured values are freed");
                 conn.transaction(|_| QueryResult::Ok(())).unwrap();
                 assert!(rec.take().is_empty(), "nothing runs twice");
@@ -580,7 +598,10 @@ macro_rules! semantic_suite {
                     assert_eq!(rec.take(), ["captured commit", "captured from savepoint"]);
                     assert_eq!(values(&mut conn, &tag), [1]);
                 }
-                assert!(rec.take().is_empty(), "the test transaction's own hooks never ran");
+                assert!(
+                    rec.take().is_empty(),
+                    "the test transaction's own hooks never ran"
+                );
                 let mut conn = connect();
                 assert!(matches!(
                     conn.capture_hooks(|_| ()),

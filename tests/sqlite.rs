@@ -72,7 +72,10 @@ fn failed_commit_is_invisible_to_another_connection() {
     assert!(
         matches!(
             r,
-            Err(Error::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _))
+            Err(Error::DatabaseError(
+                DatabaseErrorKind::ForeignKeyViolation,
+                _
+            ))
         ),
         "{r:?}"
     );
