@@ -83,7 +83,12 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     println!("4. A panic inside a transaction: rolled back, rollback hooks run, panic goes on.");
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|info| {
-        println!("    panic: {}", info.payload_as_str().unwrap_or("?"))
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .unwrap_or("?");
+        println!("    panic: {message}");
     }));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let _: QueryResult<()> = conn.transaction(|conn| {

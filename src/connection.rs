@@ -259,7 +259,7 @@ impl<C: Connection> SignalConnection<C> {
     /// use diesel_transaction_signals::SignalConnection;
     ///
     /// let raw = SqliteConnection::establish(":memory:").unwrap();
-    /// let conn = SignalConnection::new(raw);
+    /// let mut conn = SignalConnection::new(raw);
     /// assert_eq!(conn.transaction_depth(), 0);
     /// # }
     /// ```
