@@ -11,12 +11,13 @@ impl SignalConnection<PgConnection> {
     /// Starts building a transaction with an isolation level or access mode, the counterpart of
     /// [`PgConnection::build_transaction`] (which would bypass the hooks).
     ///
-    /// ```no_run
+    /// ```
     /// # #[cfg(feature = "postgres")] {
     /// use diesel::prelude::*;
     /// use diesel_transaction_signals::SignalConnection;
     ///
-    /// let mut conn = SignalConnection::<PgConnection>::establish("postgres://localhost/app")?;
+    /// # let database_url = std::env::var("DTS_PG_URL").expect("scripts/test sets DTS_PG_URL");
+    /// let mut conn = SignalConnection::<PgConnection>::establish(&database_url)?;
     /// conn.build_transaction().serializable().read_only().run(|conn| {
     ///     conn.on_commit(|| println!("consistent snapshot read"));
     ///     QueryResult::Ok(())

@@ -232,3 +232,41 @@ fn build_transaction_runs_hooks_with_the_requested_characteristics() {
         .unwrap();
     assert_eq!(rec.take(), ["commit", "savepoint commit"]);
 }
+
+#[test]
+fn commit_hooks_run_after_locks_are_released() {
+    let mut conn = common::pg();
+    let tag = common::unique_tag("locks");
+    insert(&mut conn, &tag, 1).unwrap();
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let hook_tag = tag.clone();
+    conn.transaction(|c| {
+        // Row lock held by this transaction until COMMIT.
+        diesel::update(items::table.filter(items::tag.eq(&tag)))
+            .set(items::v.eq(2))
+            .execute(c)?;
+        c.on_commit(move || {
+            // Another connection writes the same row: it would wait for the lock, and fail
+            // after lock_timeout, if the hook ran before COMMIT released it.
+            let mut other = common::pg_plain();
+            diesel::sql_query("SET lock_timeout = '5s'")
+                .execute(&mut other)
+                .unwrap();
+            let n = diesel::update(items::table.filter(items::tag.eq(&hook_tag)))
+                .set(items::v.eq(3))
+                .execute(&mut other)
+                .expect("the row lock was released before the hook ran");
+            r.push(format!("updated {n}"));
+        });
+        QueryResult::Ok(())
+    })
+    .unwrap();
+    assert_eq!(rec.take(), ["updated 1"]);
+    let v: i32 = items::table
+        .filter(items::tag.eq(&tag))
+        .select(items::v)
+        .get_result(&mut conn)
+        .unwrap();
+    assert_eq!(v, 3);
+}
