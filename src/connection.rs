@@ -5,6 +5,7 @@ use std::fmt;
 use std::panic::Location;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use diesel::connection::{
     CacheSize, Connection, ConnectionSealed, Instrumentation, LoadConnection, SimpleConnection,
@@ -16,9 +17,10 @@ use diesel::query_builder::{Query, QueryFragment, QueryId};
 use diesel::result::{ConnectionResult, Error, QueryResult};
 use diesel::sql_types::TypeMetadata;
 
-use crate::hooks::{settle_all, Hook, HookStack, Settled};
+use crate::hooks::{settle_all, Hook, HookStack, Label, Settled};
 use crate::manager::{InnerState, SignalTransactionManager};
 use crate::registry::{self, Inbox};
+use crate::signals::{self, TransactionEvent};
 use crate::Outcome;
 
 /// A process-unique, stable identifier of a [`SignalConnection`], shown in log lines and
@@ -119,18 +121,30 @@ pub struct SignalConnection<C> {
 pub(crate) struct State {
     pub(crate) stack: HookStack,
     pub(crate) inbox: Arc<Inbox>,
-    pub(crate) id: ConnectionId,
+    pub(crate) label: Label,
     /// The outermost open level was opened by `begin_test_transaction`.
     pub(crate) test_transaction: bool,
+    /// The backend's short name, for signal events.
+    pub(crate) backend: &'static str,
+    /// When the outermost level opened.
+    pub(crate) opened_at: Option<Instant>,
+    /// Hooks settled so far in the current outermost transaction (all its levels).
+    pub(crate) totals: Settled,
 }
 
 impl State {
-    fn new() -> Self {
+    fn new(backend: &'static str) -> Self {
         State {
             stack: HookStack::default(),
             inbox: Arc::default(),
-            id: ConnectionId::next(),
+            label: Label {
+                id: ConnectionId::next(),
+                alias: None,
+            },
             test_transaction: false,
+            backend,
+            opened_at: None,
+            totals: Settled::default(),
         }
     }
 
@@ -148,7 +162,7 @@ impl State {
                 settle_all(
                     std::iter::once(hook),
                     Outcome::Unknown,
-                    Some(self.id),
+                    Some(&self.label),
                     "it was deferred to a transaction level that had already ended \
                      (was the connection moved to another thread mid-transaction?)",
                 );
@@ -158,8 +172,12 @@ impl State {
 
     #[inline]
     pub(crate) fn open_level(&mut self) {
+        if self.stack.depth() == 0 {
+            self.opened_at = Some(Instant::now());
+            self.totals = Settled::default();
+        }
         let serial = self.stack.open();
-        registry::enter(self.id, serial, &self.inbox);
+        registry::enter(self.label.id, serial, &self.inbox);
     }
 
     /// Closes the innermost level after its savepoint was released.
@@ -167,7 +185,7 @@ impl State {
     pub(crate) fn release_level(&mut self) {
         self.drain_inbox();
         if let Some(level) = self.stack.release() {
-            registry::leave(self.id, level.serial, &self.inbox);
+            registry::leave(self.label.id, level.serial, &self.inbox);
         }
     }
 
@@ -179,17 +197,39 @@ impl State {
             self.test_transaction = false;
         }
         let State {
-            stack, inbox, id, ..
+            stack,
+            inbox,
+            label,
+            ..
         } = self;
         let Some((level, hooks)) = stack.close() else {
             return Settled::default();
         };
-        registry::leave(*id, level.serial, inbox);
+        registry::leave(label.id, level.serial, inbox);
         log::trace!(
             target: "diesel_transaction_signals",
-            "connection {id}: level {depth} {outcome}"
+            "connection {label}: level {depth} {outcome}"
         );
-        settle_all(hooks, outcome, Some(*id), why)
+        let settled = settle_all(hooks, outcome, Some(label), why);
+        self.totals.ran += settled.ran;
+        self.totals.discarded += settled.discarded;
+        if depth == 1 && signals::any_post_receivers() {
+            signals::send_post(&self.event(Some(outcome)));
+        }
+        settled
+    }
+
+    /// The signal event describing the current outermost transaction.
+    pub(crate) fn event(&self, outcome: Option<Outcome>) -> TransactionEvent {
+        TransactionEvent {
+            connection: self.label.id,
+            alias: self.label.alias.clone(),
+            backend: self.backend,
+            outcome,
+            duration: self.opened_at.map(|t| t.elapsed()).unwrap_or_default(),
+            hooks_ran: self.totals.ran,
+            hooks_discarded: self.totals.discarded,
+        }
     }
 
     pub(crate) fn finish_all(&mut self, outcome: Outcome, why: &str) {
@@ -202,7 +242,7 @@ impl State {
     fn discard_all(&mut self, why: &str) {
         self.drain_inbox();
         while let Some((level, hooks)) = self.stack.close() {
-            registry::leave(self.id, level.serial, &self.inbox);
+            registry::leave(self.label.id, level.serial, &self.inbox);
             for hook in hooks {
                 log::debug!(
                     target: "diesel_transaction_signals",
@@ -222,7 +262,7 @@ impl State {
             settle_all(
                 std::iter::once(hook),
                 Outcome::Committed,
-                Some(self.id),
+                Some(&self.label),
                 "no transaction was open: on_rollback outside a transaction never runs",
             );
         } else {
@@ -249,7 +289,7 @@ impl Drop for State {
     }
 }
 
-impl<C: Connection> SignalConnection<C> {
+impl<C: Connection + 'static> SignalConnection<C> {
     /// Wraps an established connection. Open no transaction on `inner` before wrapping it: the
     /// wrapper would not know about it.
     ///
@@ -266,8 +306,56 @@ impl<C: Connection> SignalConnection<C> {
     pub fn new(inner: C) -> Self {
         SignalConnection {
             inner,
-            state: State::new(),
+            state: State::new(signals::backend_name::<C::Backend>()),
         }
+    }
+
+    /// Names this connection (`"primary"`, `"replica"`, `"audit"`), as Django's `using=`
+    /// does; the alias appears in every signal event and every log line about it.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::prelude::*;
+    /// use diesel_transaction_signals::SignalConnection;
+    ///
+    /// let conn = SignalConnection::<SqliteConnection>::establish(":memory:")
+    ///     .unwrap()
+    ///     .with_alias("primary");
+    /// assert_eq!(conn.alias(), Some("primary"));
+    /// # }
+    /// ```
+    pub fn with_alias(mut self, alias: impl Into<Arc<str>>) -> Self {
+        self.set_alias(alias);
+        self
+    }
+
+    /// Sets or replaces the connection's alias; see [`with_alias`](Self::with_alias).
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// # use diesel::prelude::*;
+    /// # use diesel_transaction_signals::SignalConnection;
+    /// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+    /// conn.set_alias("audit");
+    /// assert_eq!(conn.alias(), Some("audit"));
+    /// # }
+    /// ```
+    pub fn set_alias(&mut self, alias: impl Into<Arc<str>>) {
+        self.state.label.alias = Some(alias.into());
+    }
+
+    /// The connection's alias, if it has one.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// # use diesel::prelude::*;
+    /// # use diesel_transaction_signals::SignalConnection;
+    /// let conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+    /// assert_eq!(conn.alias(), None);
+    /// # }
+    /// ```
+    pub fn alias(&self) -> Option<&str> {
+        self.state.label.alias.as_deref()
     }
 
     /// Unwraps the connection.
@@ -345,7 +433,7 @@ impl<C: Connection> SignalConnection<C> {
     /// # }
     /// ```
     pub fn id(&self) -> crate::ConnectionId {
-        self.state.id
+        self.state.label.id
     }
 
     /// How many transaction levels are open: 0 outside a transaction, 1 inside the outermost,
@@ -479,6 +567,57 @@ impl<C: Connection> SignalConnection<C> {
         self.state.register(hook);
     }
 
+    /// Registers `f` to run inside the outermost transaction, immediately before COMMIT, with
+    /// the connection: it can run queries (write an audit row, check an invariant, flush a
+    /// batch).
+    ///
+    /// - `before_commit` hooks run in registration order, after the
+    ///   [`PRE_COMMIT`](crate::signals::PRE_COMMIT) receivers. Hooks they register (more
+    ///   `before_commit`, `on_commit`, `on_rollback`, `defer!`) are honoured in the same commit.
+    /// - An `Err` rolls the whole transaction back (rollback hooks run) and is returned from
+    ///   `transaction`; a panic rolls it back and continues.
+    /// - A savepoint that rolls back discards the `before_commit` hooks registered in it.
+    /// - Outside a transaction `f` runs at once, and its result is returned.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::prelude::*;
+    /// use diesel_transaction_signals::SignalConnection;
+    ///
+    /// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:")?;
+    /// diesel::sql_query("CREATE TABLE audit (note TEXT NOT NULL)").execute(&mut conn)?;
+    /// conn.transaction(|conn| {
+    ///     conn.before_commit(|conn| {
+    ///         diesel::sql_query("INSERT INTO audit (note) VALUES ('batch flushed')")
+    ///             .execute(conn)
+    ///             .map(drop)
+    ///     })?;
+    ///     QueryResult::Ok(())
+    /// })?;
+    /// #[derive(QueryableByName)]
+    /// struct Count { #[diesel(sql_type = diesel::sql_types::BigInt)] n: i64 }
+    /// let c: Count = diesel::sql_query("SELECT COUNT(*) AS n FROM audit").get_result(&mut conn)?;
+    /// assert_eq!(c.n, 1);
+    /// # }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[track_caller]
+    pub fn before_commit<F>(&mut self, f: F) -> QueryResult<()>
+    where
+        F: FnOnce(&mut SignalConnection<C>) -> QueryResult<()> + Send + 'static,
+    {
+        let location = Location::caller();
+        self.sync();
+        if self.state.stack.depth() == 0 {
+            return f(self);
+        }
+        let boxed: BeforeFn<C> = Box::new(f);
+        self.state
+            .stack
+            .push(Hook::before(Box::new(boxed), location));
+        Ok(())
+    }
+
     /// Runs `f` and takes out the hooks it registered in the current transaction, so a test can
     /// inspect them and run them, as Django's `captureOnCommitCallbacks` does.
     ///
@@ -534,7 +673,10 @@ impl<C: Connection> SignalConnection<C> {
             }
             taken
         };
-        Ok((value, crate::CapturedHooks::new(hooks, self.state.id)))
+        Ok((
+            value,
+            crate::CapturedHooks::new(hooks, self.state.label.clone()),
+        ))
     }
 
     /// Moves `defer`red hooks into place and settles levels that ended behind the wrapper's
@@ -554,7 +696,7 @@ impl<C: Connection> SignalConnection<C> {
                     target: "diesel_transaction_signals",
                     "connection {}: {} transaction level(s) ended without the wrapper \
                      (raw COMMIT/ROLLBACK SQL, or a transaction driven through inner_mut())",
-                    self.state.id,
+                    self.state.label,
                     open - inner.depth()
                 );
                 while self.state.stack.depth() > inner.depth() {
@@ -568,10 +710,15 @@ impl<C: Connection> SignalConnection<C> {
     }
 }
 
+/// A `before_commit` hook, as stored (type-erased) in the hook stack.
+pub(crate) type BeforeFn<C> =
+    Box<dyn FnOnce(&mut SignalConnection<C>) -> QueryResult<()> + Send + 'static>;
+
 impl<C> fmt::Debug for SignalConnection<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SignalConnection")
-            .field("id", &self.state.id)
+            .field("id", &self.state.label.id)
+            .field("alias", &self.state.label.alias)
             .field("levels", &self.state.stack.depth())
             .field("pending_hooks", &self.state.stack.hooks.len())
             .finish_non_exhaustive()
@@ -584,9 +731,9 @@ impl<C: SimpleConnection> SimpleConnection for SignalConnection<C> {
     }
 }
 
-impl<C: Connection> ConnectionSealed for SignalConnection<C> {}
+impl<C: Connection + 'static> ConnectionSealed for SignalConnection<C> {}
 
-impl<C: Connection> Connection for SignalConnection<C> {
+impl<C: Connection + 'static> Connection for SignalConnection<C> {
     type Backend = C::Backend;
     type TransactionManager = SignalTransactionManager<C>;
 
@@ -638,7 +785,7 @@ impl<C: Connection> Connection for SignalConnection<C> {
 
 impl<B, C> LoadConnection<B> for SignalConnection<C>
 where
-    C: LoadConnection<B>,
+    C: LoadConnection<B> + 'static,
 {
     type Cursor<'conn, 'query>
         = C::Cursor<'conn, 'query>
@@ -661,14 +808,14 @@ where
     }
 }
 
-impl<C: WithMetadataLookup> WithMetadataLookup for SignalConnection<C> {
+impl<C: WithMetadataLookup + 'static> WithMetadataLookup for SignalConnection<C> {
     fn metadata_lookup(&mut self) -> &mut <Self::Backend as TypeMetadata>::MetadataLookup {
         self.inner.metadata_lookup()
     }
 }
 
-impl<C: diesel::connection::MultiConnectionHelper> diesel::connection::MultiConnectionHelper
-    for SignalConnection<C>
+impl<C: diesel::connection::MultiConnectionHelper + 'static>
+    diesel::connection::MultiConnectionHelper for SignalConnection<C>
 {
     fn to_any<'a>(
         lookup: &mut <Self::Backend as TypeMetadata>::MetadataLookup,
@@ -683,7 +830,7 @@ impl<C: diesel::connection::MultiConnectionHelper> diesel::connection::MultiConn
     }
 }
 
-impl<C: MigrationConnection> MigrationConnection for SignalConnection<C> {
+impl<C: MigrationConnection + 'static> MigrationConnection for SignalConnection<C> {
     fn setup(&mut self) -> QueryResult<usize> {
         self.inner.setup()
     }
@@ -692,7 +839,7 @@ impl<C: MigrationConnection> MigrationConnection for SignalConnection<C> {
 impl<Changes, Output, C> diesel::query_dsl::UpdateAndFetchResults<Changes, Output>
     for SignalConnection<C>
 where
-    C: diesel::query_dsl::UpdateAndFetchResults<Changes, Output>,
+    C: diesel::query_dsl::UpdateAndFetchResults<Changes, Output> + 'static,
 {
     fn update_and_fetch(&mut self, changeset: Changes) -> QueryResult<Output> {
         self.inner.update_and_fetch(changeset)
@@ -700,7 +847,9 @@ where
 }
 
 #[cfg(feature = "r2d2")]
-impl<C: diesel::r2d2::R2D2Connection> diesel::r2d2::R2D2Connection for SignalConnection<C> {
+impl<C: diesel::r2d2::R2D2Connection + 'static> diesel::r2d2::R2D2Connection
+    for SignalConnection<C>
+{
     fn ping(&mut self) -> QueryResult<()> {
         self.inner.ping()
     }

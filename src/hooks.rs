@@ -15,6 +15,22 @@ use std::sync::{Arc, RwLock};
 
 use crate::ConnectionId;
 
+/// Who a log line or report is about: a connection's id and, if it has one, its alias.
+#[derive(Debug, Clone)]
+pub(crate) struct Label {
+    pub(crate) id: ConnectionId,
+    pub(crate) alias: Option<Arc<str>>,
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.alias {
+            Some(alias) => write!(f, "{} ({alias})", self.id),
+            None => write!(f, "{}", self.id),
+        }
+    }
+}
+
 /// How a transaction ended, as seen by an [`on_complete`](crate::SignalConnection::on_complete)
 /// hook.
 ///
@@ -66,6 +82,7 @@ impl fmt::Display for Outcome {
 /// assert_eq!(HookKind::Commit.to_string(), "on_commit");
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum HookKind {
     /// Registered with `on_commit`, [`defer`](crate::defer) or [`defer!`](crate::defer!).
     Commit,
@@ -73,6 +90,10 @@ pub enum HookKind {
     Rollback,
     /// Registered with `on_complete`.
     Complete,
+    /// Registered with `before_commit`.
+    BeforeCommit,
+    /// A [signal](crate::signals) receiver.
+    Receiver,
 }
 
 impl fmt::Display for HookKind {
@@ -81,6 +102,8 @@ impl fmt::Display for HookKind {
             HookKind::Commit => "on_commit",
             HookKind::Rollback => "on_rollback",
             HookKind::Complete => "on_complete",
+            HookKind::BeforeCommit => "before_commit",
+            HookKind::Receiver => "signal receiver",
         })
     }
 }
@@ -139,10 +162,26 @@ pub struct HookFailure {
     kind: HookKind,
     location: &'static Location<'static>,
     connection: Option<ConnectionId>,
+    alias: Option<Arc<str>>,
     cause: FailureCause,
 }
 
 impl HookFailure {
+    pub(crate) fn new(
+        kind: HookKind,
+        location: &'static Location<'static>,
+        conn: Option<&Label>,
+        cause: FailureCause,
+    ) -> Self {
+        HookFailure {
+            kind,
+            location,
+            connection: conn.map(|l| l.id),
+            alias: conn.and_then(|l| l.alias.clone()),
+            cause,
+        }
+    }
+
     /// Which kind of hook failed.
     ///
     /// ```
@@ -177,6 +216,17 @@ impl HookFailure {
         self.connection
     }
 
+    /// The alias of that connection, if it has one.
+    ///
+    /// ```
+    /// # use diesel_transaction_signals::HookFailure;
+    /// fn database(f: &HookFailure) -> &str { f.alias().unwrap_or("default") }
+    /// # let _ = database;
+    /// ```
+    pub fn alias(&self) -> Option<&str> {
+        self.alias.as_deref()
+    }
+
     /// The panic message or returned error.
     ///
     /// ```
@@ -200,8 +250,10 @@ impl fmt::Display for HookFailure {
             "{} hook registered at {} {}",
             self.kind, self.location, verb
         )?;
-        if let Some(c) = self.connection {
-            write!(f, " (connection {c})")?;
+        match (self.connection, &self.alias) {
+            (Some(c), Some(a)) => write!(f, " (connection {c} ({a}))")?,
+            (Some(c), None) => write!(f, " (connection {c})")?,
+            _ => {}
         }
         write!(f, ": {}", self.cause.message())
     }
@@ -246,7 +298,7 @@ pub fn set_failure_handler(
     old.map(|h| Box::new(move |f: &HookFailure| h(f)) as Box<_>)
 }
 
-fn report(failure: HookFailure) {
+pub(crate) fn report(failure: HookFailure) {
     log::error!(target: "diesel_transaction_signals", "{failure}");
     let handler = FAILURE_HANDLER
         .read()
@@ -321,6 +373,9 @@ pub(crate) enum Callback {
     Commit(ThunkFn),
     Rollback(ThunkFn),
     Complete(CompleteFn),
+    /// A `before_commit` hook: a boxed `FnOnce(&mut SignalConnection<C>)`, type-erased because
+    /// the stack does not know `C`.
+    Before(Box<dyn std::any::Any + Send + 'static>),
 }
 
 /// One registered hook: its closure and where it was registered.
@@ -366,11 +421,30 @@ impl Hook {
         }
     }
 
+    pub(crate) fn before(
+        f: Box<dyn std::any::Any + Send + 'static>,
+        location: &'static Location<'static>,
+    ) -> Self {
+        Hook {
+            callback: Callback::Before(f),
+            location,
+        }
+    }
+
     pub(crate) fn kind(&self) -> HookKind {
         match self.callback {
             Callback::Commit(_) => HookKind::Commit,
             Callback::Rollback(_) => HookKind::Rollback,
             Callback::Complete(_) => HookKind::Complete,
+            Callback::Before(_) => HookKind::BeforeCommit,
+        }
+    }
+
+    /// The type-erased closure of a `before_commit` hook.
+    pub(crate) fn into_before(self) -> Option<Box<dyn std::any::Any + Send + 'static>> {
+        match self.callback {
+            Callback::Before(f) => Some(f),
+            _ => None,
         }
     }
 
@@ -380,7 +454,7 @@ impl Hook {
 
     /// Runs the hook if it applies to `outcome` and returns whether it ran. A hook that does
     /// not apply is dropped here (its captured values are freed).
-    pub(crate) fn settle(self, outcome: Outcome, conn: Option<ConnectionId>) -> bool {
+    pub(crate) fn settle(self, outcome: Outcome, conn: Option<&Label>) -> bool {
         let location = self.location;
         let (kind, result) = match (self.callback, outcome) {
             (Callback::Commit(f), Outcome::Committed) => (HookKind::Commit, run_caught(f)),
@@ -389,12 +463,7 @@ impl Hook {
             _ => return false,
         };
         if let Err(cause) = result {
-            report(HookFailure {
-                kind,
-                location,
-                connection: conn,
-                cause,
-            });
+            report(HookFailure::new(kind, location, conn, cause));
         }
         true
     }
@@ -415,7 +484,7 @@ fn run_caught(f: impl FnOnce() -> Option<String>) -> Result<(), FailureCause> {
 pub(crate) fn settle_all(
     hooks: impl Iterator<Item = Hook>,
     outcome: Outcome,
-    conn: Option<ConnectionId>,
+    conn: Option<&Label>,
     why: &str,
 ) -> Settled {
     let mut settled = Settled::default();
@@ -465,6 +534,8 @@ pub(crate) struct HookStack {
     pub(crate) hooks: Vec<Hook>,
     pub(crate) levels: Vec<Level>,
     next_serial: u64,
+    /// A `before_commit` hook may be pending (cleared when they are taken).
+    has_before: bool,
 }
 
 impl HookStack {
@@ -489,7 +560,22 @@ impl HookStack {
     #[inline]
     pub(crate) fn push(&mut self, hook: Hook) {
         debug_assert!(!self.levels.is_empty());
+        self.has_before |= matches!(hook.callback, Callback::Before(_));
         self.hooks.push(hook);
+    }
+
+    /// Takes every pending `before_commit` hook, in registration order, leaving the others in
+    /// place. Only called with the outermost level alone open.
+    pub(crate) fn take_before(&mut self) -> Vec<Hook> {
+        if !std::mem::take(&mut self.has_before) {
+            return Vec::new();
+        }
+        debug_assert!(self.levels.len() == 1);
+        let (before, rest) = std::mem::take(&mut self.hooks)
+            .into_iter()
+            .partition(|h| matches!(h.callback, Callback::Before(_)));
+        self.hooks = rest;
+        before
     }
 
     /// Adds a hook to the level with `serial`; returns it back if no such level is open.
@@ -497,6 +583,7 @@ impl HookStack {
         let Some(idx) = self.levels.iter().rposition(|l| l.serial == serial) else {
             return Err(hook);
         };
+        self.has_before |= matches!(hook.callback, Callback::Before(_));
         if idx + 1 == self.levels.len() {
             self.hooks.push(hook);
         } else {

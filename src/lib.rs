@@ -88,6 +88,7 @@ mod error;
 mod hooks;
 mod manager;
 mod registry;
+pub mod signals;
 mod testing;
 
 #[cfg(feature = "postgres")]

@@ -41,7 +41,11 @@ use diesel::connection::{
 };
 use diesel::result::{DatabaseErrorKind, Error, QueryResult};
 
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+
+use crate::connection::BeforeFn;
 use crate::error::TransactionAborted;
+use crate::signals::{self, Veto};
 use crate::{Outcome, SignalConnection};
 
 /// The [`TransactionManager`] of [`SignalConnection<C>`]: wraps `C`'s own manager and settles
@@ -132,7 +136,9 @@ fn connection_lost(err: &Error) -> bool {
     )
 }
 
-impl<C: Connection> TransactionManager<SignalConnection<C>> for SignalTransactionManager<C> {
+impl<C: Connection + 'static> TransactionManager<SignalConnection<C>>
+    for SignalTransactionManager<C>
+{
     type TransactionStateData =
         <C::TransactionManager as TransactionManager<C>>::TransactionStateData;
 
@@ -160,7 +166,16 @@ impl<C: Connection> TransactionManager<SignalConnection<C>> for SignalTransactio
 
     fn commit_transaction(conn: &mut SignalConnection<C>) -> QueryResult<()> {
         conn.sync();
-        let before = InnerState::read(&mut conn.inner);
+        let mut before = InnerState::read(&mut conn.inner);
+        if matches!(before, InnerState::Open { depth: 1, .. }) {
+            if let Err(e) = conn.pre_commit() {
+                let _ = C::TransactionManager::rollback_transaction(&mut conn.inner);
+                conn.state
+                    .finish_all(Outcome::RolledBack, "the commit was refused before COMMIT");
+                return Err(e);
+            }
+            before = InnerState::read(&mut conn.inner);
+        }
         match before {
             InnerState::Open {
                 depth: 1,
@@ -257,7 +272,7 @@ pub(crate) fn run_transaction<C, R, E, B, F>(
     callback: F,
 ) -> Result<R, E>
 where
-    C: Connection,
+    C: Connection + 'static,
     B: FnOnce(&mut SignalConnection<C>) -> QueryResult<()>,
     F: FnOnce(&mut SignalConnection<C>) -> Result<R, E>,
     E: From<Error>,
@@ -297,7 +312,69 @@ where
     }
 }
 
-impl<C: Connection> SignalConnection<C> {
+impl<C: Connection + 'static> SignalConnection<C> {
+    /// The phase between the closure's end and COMMIT: `PRE_COMMIT` receivers, then
+    /// `before_commit` hooks (and those they register) in registration order. An error or a
+    /// veto refuses the commit; a panic in a hook rolls back and continues.
+    fn pre_commit(&mut self) -> QueryResult<()> {
+        if signals::PRE_COMMIT.is_active() {
+            let event = self.state.event(None);
+            signals::PRE_COMMIT
+                .send_veto(&event)
+                .map_err(Veto::into_error)?;
+        }
+        loop {
+            self.sync();
+            if self.state.stack.depth() != 1 {
+                // A hook ended the transaction itself; COMMIT will report it.
+                return Ok(());
+            }
+            let pending = self.state.stack.take_before();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let mut pending = pending.into_iter();
+            while let Some(hook) = pending.next() {
+                let location = hook.location();
+                let Some(f) = hook.into_before() else {
+                    continue;
+                };
+                let f = *f
+                    .downcast::<BeforeFn<C>>()
+                    .expect("before_commit hooks are stored with their connection's type");
+                let result = catch_unwind(AssertUnwindSafe(|| f(self)));
+                let failed = match result {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(Err(e)),
+                    Err(panic) => Some(Ok(panic)),
+                };
+                if let Some(failure) = failed {
+                    for rest in pending {
+                        log::debug!(
+                            target: "diesel_transaction_signals",
+                            "before_commit hook registered at {} discarded: an earlier one failed",
+                            rest.location()
+                        );
+                    }
+                    match failure {
+                        Err(e) => {
+                            log::debug!(
+                                target: "diesel_transaction_signals",
+                                "connection {}: before_commit hook registered at {location} refused the commit: {e}",
+                                self.state.label
+                            );
+                            return Err(e);
+                        }
+                        Ok(panic) => {
+                            let _ = self.rollback_to(1, "a before_commit hook panicked");
+                            resume_unwind(panic);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Rolls back until fewer than `depth` levels are open; returns the first error.
     pub(crate) fn rollback_to(&mut self, depth: usize, why: &str) -> QueryResult<()> {
         let mut first_error = Ok(());
@@ -313,7 +390,7 @@ impl<C: Connection> SignalConnection<C> {
                 log::warn!(
                     target: "diesel_transaction_signals",
                     "connection {}: rollback after {why} failed: {e}",
-                    self.state.id
+                    self.state.label
                 );
                 if first_error.is_ok() {
                     first_error = Err(e);
@@ -333,7 +410,7 @@ impl<C: Connection> SignalConnection<C> {
 
 impl<C> SignalConnection<C>
 where
-    C: Connection<TransactionManager = diesel::connection::AnsiTransactionManager>,
+    C: Connection<TransactionManager = diesel::connection::AnsiTransactionManager> + 'static,
 {
     /// `transaction` with a custom BEGIN statement (isolation level, `BEGIN IMMEDIATE`).
     pub(crate) fn transaction_with_begin<T, E, F>(&mut self, begin_sql: &str, f: F) -> Result<T, E>

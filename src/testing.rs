@@ -1,7 +1,7 @@
 //! Capturing hooks in tests, where a test transaction never commits.
 
-use crate::hooks::{settle_all, Hook};
-use crate::{ConnectionId, HookKind, Outcome};
+use crate::hooks::{settle_all, Hook, Label};
+use crate::{HookKind, Outcome};
 
 /// Hooks taken out of a transaction by
 /// [`SignalConnection::capture_hooks`](crate::SignalConnection::capture_hooks), for a test to
@@ -29,11 +29,11 @@ use crate::{ConnectionId, HookKind, Outcome};
 #[must_use = "captured hooks do nothing unless run"]
 pub struct CapturedHooks {
     hooks: Vec<Hook>,
-    conn: ConnectionId,
+    conn: Label,
 }
 
 impl CapturedHooks {
-    pub(crate) fn new(hooks: Vec<Hook>, conn: ConnectionId) -> Self {
+    pub(crate) fn new(hooks: Vec<Hook>, conn: Label) -> Self {
         CapturedHooks { hooks, conn }
     }
 
@@ -125,7 +125,7 @@ impl CapturedHooks {
         settle_all(
             hooks.into_iter(),
             outcome,
-            Some(self.conn),
+            Some(&self.conn),
             "captured hooks were run for another outcome",
         )
         .ran
