@@ -191,9 +191,20 @@ impl State {
 
     /// Closes the innermost level and settles its hooks for `outcome`.
     pub(crate) fn finish_level(&mut self, outcome: Outcome, why: &str) -> Settled {
+        let keep = self.stack.depth().saturating_sub(1);
+        self.finish_above(keep, outcome, why)
+    }
+
+    /// Closes every level above the `keep` outermost ones and settles their hooks for
+    /// `outcome`, all in registration order. Closing the outermost level sends the
+    /// end-of-transaction signals.
+    pub(crate) fn finish_above(&mut self, keep: usize, outcome: Outcome, why: &str) -> Settled {
         self.drain_inbox();
         let depth = self.stack.depth();
-        if depth == 1 {
+        if depth <= keep {
+            return Settled::default();
+        }
+        if keep == 0 {
             self.test_transaction = false;
         }
         let State {
@@ -202,21 +213,28 @@ impl State {
             label,
             ..
         } = self;
-        let Some((level, hooks)) = stack.close() else {
+        let Some((levels, hooks)) = stack.close_above(keep) else {
             return Settled::default();
         };
-        registry::leave(label.id, level.serial, inbox);
+        for level in levels.rev() {
+            registry::leave(label.id, level.serial, inbox);
+        }
         log::trace!(
             target: "diesel_transaction_signals",
-            "connection {label}: level {depth} {outcome}"
+            "connection {label}: levels {}..={depth} {outcome}",
+            keep + 1
         );
         let settled = settle_all(hooks, outcome, Some(label), why);
         self.totals.ran += settled.ran;
         self.totals.discarded += settled.discarded;
-        if depth == 1 && signals::any_post_receivers() {
+        if keep == 0 && signals::any_post_receivers() {
             signals::send_post(&self.event(Some(outcome)));
         }
         settled
+    }
+
+    pub(crate) fn finish_all(&mut self, outcome: Outcome, why: &str) {
+        self.finish_above(0, outcome, why);
     }
 
     /// The signal event describing the current outermost transaction.
@@ -229,12 +247,6 @@ impl State {
             duration: self.opened_at.map(|t| t.elapsed()).unwrap_or_default(),
             hooks_ran: self.totals.ran,
             hooks_discarded: self.totals.discarded,
-        }
-    }
-
-    pub(crate) fn finish_all(&mut self, outcome: Outcome, why: &str) {
-        while self.stack.depth() > 0 {
-            self.finish_level(outcome, why);
         }
     }
 
@@ -699,12 +711,11 @@ impl<C: Connection + 'static> SignalConnection<C> {
                     self.state.label,
                     open - inner.depth()
                 );
-                while self.state.stack.depth() > inner.depth() {
-                    self.state.finish_level(
-                        Outcome::Unknown,
-                        "its transaction ended outside the wrapper's control",
-                    );
-                }
+                self.state.finish_above(
+                    inner.depth(),
+                    Outcome::Unknown,
+                    "its transaction ended outside the wrapper's control",
+                );
             }
         }
     }

@@ -611,4 +611,15 @@ impl HookStack {
         let level = self.levels.pop()?;
         Some((level, self.hooks.drain(level.start..)))
     }
+
+    /// Closes every level above the `keep` outermost ones, taking their hooks (registration
+    /// order) and the closed levels (outermost first).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn close_above(
+        &mut self,
+        keep: usize,
+    ) -> Option<(std::vec::Drain<'_, Level>, std::vec::Drain<'_, Hook>)> {
+        let start = self.levels.get(keep)?.start;
+        Some((self.levels.drain(keep..), self.hooks.drain(start..)))
+    }
 }

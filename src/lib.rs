@@ -87,6 +87,8 @@ mod connection;
 mod error;
 mod hooks;
 mod manager;
+#[cfg(feature = "mysql")]
+mod mysql;
 #[cfg(feature = "r2d2")]
 pub mod pool;
 mod registry;

@@ -115,25 +115,32 @@ impl InnerState {
 }
 
 /// Whether a COMMIT that failed with `err` may nevertheless have committed: the connection was
-/// lost while COMMIT was in flight, so only the server knows.
-fn commit_fate_unknown(err: &Error, broken_after: bool) -> bool {
-    match err {
-        Error::RollbackErrorOnCommit { commit_error, .. } => connection_lost(commit_error),
-        Error::DatabaseError(..) => connection_lost(err) || broken_after,
+/// lost while COMMIT was in flight, so only the server knows. `connection_dead` asks the
+/// backend, for errors that do not say (MySQL reports a lost connection as an unclassified
+/// error).
+fn commit_fate_unknown(
+    err: &Error,
+    broken_after: bool,
+    connection_dead: impl FnOnce() -> bool,
+) -> bool {
+    let (commit_error, rollback_failed) = match err {
+        Error::RollbackErrorOnCommit { commit_error, .. } => (&**commit_error, true),
+        other => (other, false),
+    };
+    match commit_error {
+        Error::DatabaseError(
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+            _,
+        ) => true,
+        Error::DatabaseError(DatabaseErrorKind::Unknown, _) => {
+            (broken_after && !rollback_failed) || connection_dead()
+        }
+        // The database answered: a constraint, a serialization failure... nothing committed.
+        Error::DatabaseError(..) => false,
         // Errors raised before anything was sent (a broken manager, no transaction).
         Error::BrokenTransactionManager | Error::NotInTransaction => false,
         _ => broken_after,
     }
-}
-
-fn connection_lost(err: &Error) -> bool {
-    matches!(
-        err,
-        Error::DatabaseError(
-            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
-            _
-        )
-    )
 }
 
 impl<C: Connection + 'static> TransactionManager<SignalConnection<C>>
@@ -151,6 +158,21 @@ impl<C: Connection + 'static> TransactionManager<SignalConnection<C>>
 
     fn rollback_transaction(conn: &mut SignalConnection<C>) -> QueryResult<()> {
         conn.sync();
+        if conn.ended_by_server() {
+            let result = C::TransactionManager::rollback_transaction(&mut conn.inner);
+            log::warn!(
+                target: "diesel_transaction_signals",
+                "connection {}: the MySQL server had already ended the transaction (an implicit \
+                 commit before DDL or LOCK TABLES, or a rollback after an error): whether its \
+                 work is in the database is unknown",
+                conn.state.label
+            );
+            conn.state.finish_all(
+                Outcome::Unknown,
+                "the MySQL server ended the transaction on its own before the rollback",
+            );
+            return result;
+        }
         let result = C::TransactionManager::rollback_transaction(&mut conn.inner);
         let after = InnerState::read(&mut conn.inner).depth();
         let why = if result.is_ok() {
@@ -158,9 +180,7 @@ impl<C: Connection + 'static> TransactionManager<SignalConnection<C>>
         } else {
             "the rollback failed; the database discards the work when the connection closes"
         };
-        while conn.state.stack.depth() > after {
-            conn.state.finish_level(Outcome::RolledBack, why);
-        }
+        conn.state.finish_above(after, Outcome::RolledBack, why);
         result
     }
 
@@ -227,17 +247,16 @@ impl<C: Connection + 'static> TransactionManager<SignalConnection<C>>
                         aborted: false,
                     };
                 let broken = after_state == InnerState::Broken;
-                let (outcome, why) = if top && commit_fate_unknown(e, broken) {
-                    (
-                        Outcome::Unknown,
-                        "the connection was lost while COMMIT was in flight",
-                    )
-                } else {
-                    (Outcome::RolledBack, "the commit failed")
-                };
-                while conn.state.stack.depth() > after {
-                    conn.state.finish_level(outcome, why);
-                }
+                let (outcome, why) =
+                    if top && commit_fate_unknown(e, broken, || conn.connection_dead()) {
+                        (
+                            Outcome::Unknown,
+                            "the connection was lost while COMMIT was in flight",
+                        )
+                    } else {
+                        (Outcome::RolledBack, "the commit failed")
+                    };
+                conn.state.finish_above(after, outcome, why);
             }
         }
         result
@@ -375,6 +394,35 @@ impl<C: Connection + 'static> SignalConnection<C> {
         }
     }
 
+    /// Whether a MySQL server ended the open transaction behind Diesel's back without Diesel
+    /// knowing how: an implicit commit (DDL) or a rollback after an error Diesel does not flag.
+    /// A deadlock, which Diesel flags, is a known rollback and not asked about. Asked only
+    /// before a rollback, so the happy path pays nothing (see `mysql.rs`).
+    fn ended_by_server(&mut self) -> bool {
+        #[cfg(feature = "mysql")]
+        if self.state.backend == "mysql" && self.state.stack.depth() > 0 {
+            if matches!(
+                InnerState::read(&mut self.inner),
+                InnerState::Open { aborted: true, .. } | InnerState::Broken
+            ) {
+                return false;
+            }
+            let inner: &mut dyn std::any::Any = &mut self.inner;
+            return crate::mysql::in_transaction(inner) == Some(false);
+        }
+        false
+    }
+
+    /// Whether the backend says the connection is gone; only MySQL needs asking.
+    fn connection_dead(&mut self) -> bool {
+        #[cfg(feature = "mysql")]
+        if self.state.backend == "mysql" {
+            let inner: &mut dyn std::any::Any = &mut self.inner;
+            return crate::mysql::in_transaction(inner).is_none();
+        }
+        false
+    }
+
     /// Rolls back until fewer than `depth` levels are open; returns the first error.
     pub(crate) fn rollback_to(&mut self, depth: usize, why: &str) -> QueryResult<()> {
         let mut first_error = Ok(());
@@ -398,9 +446,7 @@ impl<C: Connection + 'static> SignalConnection<C> {
             }
             if self.state.stack.depth() >= open {
                 // Nothing moved: give the levels up rather than loop.
-                while self.state.stack.depth() >= depth {
-                    self.state.finish_level(Outcome::RolledBack, why);
-                }
+                self.state.finish_above(depth - 1, Outcome::RolledBack, why);
                 break;
             }
         }

@@ -12,6 +12,7 @@ use diesel_transaction_signals::SignalConnection;
 
 pub const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 pub const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+pub const MYSQL_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/mysql");
 
 diesel::table! {
     items (id) {
@@ -118,6 +119,37 @@ pub fn pg() -> SignalConnection<PgConnection> {
             .unwrap();
     });
     conn
+}
+
+/// The MariaDB/MySQL server's URL; missing fails the test, as for PostgreSQL.
+pub fn mysql_url() -> String {
+    std::env::var("DTS_MYSQL_URL").expect(
+        "DTS_MYSQL_URL is not set: run the suite with scripts/test, which starts a throwaway \
+         MariaDB and sets it",
+    )
+}
+
+/// A connection to the test MariaDB database, migrated once per process.
+pub fn mysql() -> SignalConnection<MysqlConnection> {
+    static MIGRATED: OnceLock<()> = OnceLock::new();
+    let mut conn = SignalConnection::<MysqlConnection>::establish(&mysql_url()).unwrap();
+    MIGRATED.get_or_init(|| {
+        // Test binaries may run concurrently: serialise the migrations.
+        diesel::sql_query("SELECT GET_LOCK('dts_migrations', 60)")
+            .execute(&mut conn)
+            .unwrap();
+        conn.run_pending_migrations(MYSQL_MIGRATIONS).unwrap();
+        diesel::sql_query("SELECT RELEASE_LOCK('dts_migrations')")
+            .execute(&mut conn)
+            .unwrap();
+    });
+    conn
+}
+
+/// A plain (unwrapped) MariaDB connection, for observing from outside.
+pub fn mysql_plain() -> MysqlConnection {
+    let _ = mysql();
+    MysqlConnection::establish(&mysql_url()).unwrap()
 }
 
 /// A plain (unwrapped) PostgreSQL connection, for observing from outside.
