@@ -90,7 +90,9 @@ thread_local! {
 /// Records that `conn` opened level `serial` on this thread.
 #[inline]
 pub(crate) fn enter(conn: ConnectionId, serial: u64, inbox: &Arc<Inbox>) {
-    OPEN.with(|open| {
+    // During thread teardown (a connection used from a thread-local destructor) the registry
+    // is gone: `defer` on this thread then runs hooks at once, which is all it could do.
+    let _ = OPEN.try_with(|open| {
         open.borrow_mut().push(Entry {
             conn,
             serial,
@@ -125,8 +127,10 @@ pub(crate) fn leave(conn: ConnectionId, serial: u64, inbox: &Inbox) {
 
 /// Hands `hook` to the innermost transaction open on this thread; gives it back when there is
 /// none.
-pub(crate) fn offer(mut hook: Hook) -> Result<ConnectionId, Hook> {
-    OPEN.with(|open| {
+pub(crate) fn offer(hook: Hook) -> Result<ConnectionId, Hook> {
+    let mut slot = Some(hook);
+    let placed = OPEN.try_with(|open| {
+        let mut hook = slot.take().expect("taken once");
         let mut open = open.borrow_mut();
         while let Some(top) = open.last() {
             match top.inbox.offer(top.serial, hook) {
@@ -138,7 +142,11 @@ pub(crate) fn offer(mut hook: Hook) -> Result<ConnectionId, Hook> {
             }
         }
         Err(hook)
-    })
+    });
+    match placed {
+        Ok(result) => result,
+        Err(_) => Err(slot.take().expect("not taken when the registry is gone")),
+    }
 }
 
 /// Whether a transaction opened through a [`SignalConnection`](crate::SignalConnection) is open
@@ -162,7 +170,7 @@ pub(crate) fn offer(mut hook: Hook) -> Result<ConnectionId, Hook> {
 /// # }
 /// ```
 pub fn in_transaction() -> bool {
-    OPEN.with(|open| {
+    OPEN.try_with(|open| {
         let mut open = open.borrow_mut();
         while let Some(top) = open.last() {
             let st = top.inbox.lock();
@@ -175,4 +183,5 @@ pub fn in_transaction() -> bool {
         }
         false
     })
+    .unwrap_or(false)
 }
