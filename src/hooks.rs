@@ -376,6 +376,16 @@ pub(crate) enum Callback {
     /// A `before_commit` hook: a boxed `FnOnce(&mut SignalConnection<C>)`, type-erased because
     /// the stack does not know `C`.
     Before(Box<dyn std::any::Any + Send + 'static>),
+    /// A row handed over by `defer_durable!`, written just before COMMIT.
+    #[cfg(feature = "outbox")]
+    Durable(crate::outbox::NewRow),
+}
+
+/// What the pre-commit phase runs: a `before_commit` closure (type-erased) or a durable row.
+pub(crate) enum PreCommit {
+    Before(Box<dyn std::any::Any + Send + 'static>),
+    #[cfg(feature = "outbox")]
+    Durable(crate::outbox::NewRow),
 }
 
 /// One registered hook: its closure and where it was registered.
@@ -431,25 +441,50 @@ impl Hook {
         }
     }
 
+    #[cfg(feature = "outbox")]
+    pub(crate) fn durable(
+        row: crate::outbox::NewRow,
+        location: &'static Location<'static>,
+    ) -> Self {
+        Hook {
+            callback: Callback::Durable(row),
+            location,
+        }
+    }
+
     pub(crate) fn kind(&self) -> HookKind {
         match self.callback {
             Callback::Commit(_) => HookKind::Commit,
             Callback::Rollback(_) => HookKind::Rollback,
             Callback::Complete(_) => HookKind::Complete,
             Callback::Before(_) => HookKind::BeforeCommit,
+            #[cfg(feature = "outbox")]
+            Callback::Durable(_) => HookKind::BeforeCommit,
         }
     }
 
-    /// The type-erased closure of a `before_commit` hook.
-    pub(crate) fn into_before(self) -> Option<Box<dyn std::any::Any + Send + 'static>> {
+    /// Splits a pre-commit hook into what the pre-commit phase runs.
+    pub(crate) fn into_pre_commit(self) -> Option<PreCommit> {
         match self.callback {
-            Callback::Before(f) => Some(f),
+            Callback::Before(f) => Some(PreCommit::Before(f)),
+            #[cfg(feature = "outbox")]
+            Callback::Durable(row) => Some(PreCommit::Durable(row)),
             _ => None,
         }
     }
 
     pub(crate) fn location(&self) -> &'static Location<'static> {
         self.location
+    }
+
+    /// Runs in the pre-commit phase (`before_commit`, `defer_durable!`).
+    pub(crate) fn is_pre_commit(&self) -> bool {
+        match self.callback {
+            Callback::Before(_) => true,
+            #[cfg(feature = "outbox")]
+            Callback::Durable(_) => true,
+            _ => false,
+        }
     }
 
     /// Runs the hook if it applies to `outcome` and returns whether it ran. A hook that does
@@ -560,7 +595,7 @@ impl HookStack {
     #[inline]
     pub(crate) fn push(&mut self, hook: Hook) {
         debug_assert!(!self.levels.is_empty());
-        self.has_before |= matches!(hook.callback, Callback::Before(_));
+        self.has_before |= hook.is_pre_commit();
         self.hooks.push(hook);
     }
 
@@ -573,7 +608,7 @@ impl HookStack {
         debug_assert!(self.levels.len() == 1);
         let (before, rest) = std::mem::take(&mut self.hooks)
             .into_iter()
-            .partition(|h| matches!(h.callback, Callback::Before(_)));
+            .partition(Hook::is_pre_commit);
         self.hooks = rest;
         before
     }
@@ -583,7 +618,7 @@ impl HookStack {
         let Some(idx) = self.levels.iter().rposition(|l| l.serial == serial) else {
             return Err(hook);
         };
-        self.has_before |= matches!(hook.callback, Callback::Before(_));
+        self.has_before |= hook.is_pre_commit();
         if idx + 1 == self.levels.len() {
             self.hooks.push(hook);
         } else {

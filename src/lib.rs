@@ -89,6 +89,8 @@ mod hooks;
 mod manager;
 #[cfg(feature = "mysql")]
 mod mysql;
+#[cfg(feature = "outbox")]
+pub mod outbox;
 #[cfg(feature = "r2d2")]
 pub mod pool;
 mod registry;

@@ -45,6 +45,7 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
 use crate::connection::BeforeFn;
 use crate::error::TransactionAborted;
+use crate::hooks::PreCommit;
 use crate::signals::{self, Veto};
 use crate::{Outcome, SignalConnection};
 
@@ -306,8 +307,15 @@ where
     let conn = scopeguard::ScopeGuard::into_inner(guard);
     conn.sync();
     if conn.state.stack.depth() < depth {
-        // The closure ended its own level (raw manager calls): nothing left to end here.
-        return result;
+        // The level is gone already: the closure ended it (raw manager calls), or the
+        // connection broke inside it and every level settled as rolled back. Never report
+        // success for the second.
+        return match result {
+            Ok(_) if InnerState::read(&mut conn.inner) == InnerState::Broken => {
+                Err(Error::BrokenTransactionManager.into())
+            }
+            other => other,
+        };
     }
     match result {
         Ok(value) => {
@@ -355,13 +363,17 @@ impl<C: Connection + 'static> SignalConnection<C> {
             let mut pending = pending.into_iter();
             while let Some(hook) = pending.next() {
                 let location = hook.location();
-                let Some(f) = hook.into_before() else {
-                    continue;
+                let result = match hook.into_pre_commit() {
+                    Some(PreCommit::Before(f)) => {
+                        let f = *f
+                            .downcast::<BeforeFn<C>>()
+                            .expect("before_commit hooks are stored with their connection's type");
+                        catch_unwind(AssertUnwindSafe(|| f(self)))
+                    }
+                    #[cfg(feature = "outbox")]
+                    Some(PreCommit::Durable(row)) => Ok(self.write_durable(&row)),
+                    None => continue,
                 };
-                let f = *f
-                    .downcast::<BeforeFn<C>>()
-                    .expect("before_commit hooks are stored with their connection's type");
-                let result = catch_unwind(AssertUnwindSafe(|| f(self)));
                 let failed = match result {
                     Ok(Ok(())) => None,
                     Ok(Err(e)) => Some(Err(e)),
@@ -411,6 +423,27 @@ impl<C: Connection + 'static> SignalConnection<C> {
             return crate::mysql::in_transaction(inner) == Some(false);
         }
         false
+    }
+
+    /// Writes a row `defer_durable!` handed over, inside the transaction.
+    #[cfg(feature = "outbox")]
+    fn write_durable(&mut self, row: &crate::outbox::NewRow) -> QueryResult<()> {
+        let inner: &mut dyn std::any::Any = &mut self.inner;
+        match crate::outbox::insert_erased(inner, row) {
+            Some(result) => {
+                result?;
+                self.on_commit(crate::outbox::wake);
+                Ok(())
+            }
+            None => Err(Error::QueryBuilderError(
+                format!(
+                    "defer_durable! needs a SignalConnection of SqliteConnection, PgConnection or \
+                     MysqlConnection, not of {}",
+                    std::any::type_name::<C>()
+                )
+                .into(),
+            )),
+        }
     }
 
     /// Whether the backend says the connection is gone; only MySQL needs asking.

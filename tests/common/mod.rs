@@ -89,6 +89,9 @@ impl SqliteFile {
         let file = SqliteFile { dir, url };
         let mut conn = file.connect();
         conn.run_pending_migrations(SQLITE_MIGRATIONS).unwrap();
+        #[cfg(feature = "outbox")]
+        conn.run_pending_migrations(diesel_transaction_signals::outbox::migrations::SQLITE)
+            .unwrap();
         file
     }
 
@@ -114,6 +117,9 @@ pub fn pg() -> SignalConnection<PgConnection> {
             .execute(&mut conn)
             .unwrap();
         conn.run_pending_migrations(PG_MIGRATIONS).unwrap();
+        #[cfg(feature = "outbox")]
+        conn.run_pending_migrations(diesel_transaction_signals::outbox::migrations::POSTGRES)
+            .unwrap();
         diesel::sql_query("SELECT pg_advisory_unlock(4242)")
             .execute(&mut conn)
             .unwrap();
@@ -139,6 +145,9 @@ pub fn mysql() -> SignalConnection<MysqlConnection> {
             .execute(&mut conn)
             .unwrap();
         conn.run_pending_migrations(MYSQL_MIGRATIONS).unwrap();
+        #[cfg(feature = "outbox")]
+        conn.run_pending_migrations(diesel_transaction_signals::outbox::migrations::MYSQL)
+            .unwrap();
         diesel::sql_query("SELECT RELEASE_LOCK('dts_migrations')")
             .execute(&mut conn)
             .unwrap();

@@ -1,0 +1,2 @@
+DROP TABLE dts_outbox;
+DROP FUNCTION dts_outbox_notify();

@@ -1,0 +1,471 @@
+//! The outbox's SQL, per backend.
+//!
+//! Times are milliseconds since the Unix epoch read from the database's clock, so relays on
+//! several machines agree on leases. Id lists are formatted as integer literals (safe: they are
+//! `i64`s); everything else is bound.
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Integer, Nullable, Text};
+
+use crate::SignalConnection;
+
+/// A job row to insert.
+#[derive(Debug, Clone)]
+#[doc(hidden)]
+pub struct NewRow {
+    pub(crate) queue: String,
+    pub(crate) payload: String,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) max_attempts: i32,
+    pub(crate) delay_ms: i64,
+}
+
+/// A row claimed by a relay.
+#[derive(Debug, Clone, QueryableByName)]
+#[doc(hidden)]
+pub struct ClaimedRow {
+    #[diesel(sql_type = BigInt)]
+    pub(crate) id: i64,
+    #[diesel(sql_type = Text)]
+    pub(crate) queue: String,
+    #[diesel(sql_type = Text)]
+    pub(crate) payload: String,
+    #[diesel(sql_type = Integer)]
+    pub(crate) attempts: i32,
+    #[diesel(sql_type = Integer)]
+    pub(crate) max_attempts: i32,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub(crate) idempotency_key: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+#[derive(QueryableByName)]
+struct QueueCount {
+    #[diesel(sql_type = Text)]
+    queue: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A connection the outbox can write to and a [`Relay`](super::Relay) can claim from:
+/// `SqliteConnection`, `PgConnection`, `MysqlConnection` (with their features) and
+/// [`SignalConnection`] of any of them. Sealed: the SQL is the crate's.
+///
+/// ```
+/// # #[cfg(feature = "sqlite")] {
+/// use diesel_transaction_signals::outbox::OutboxConnection;
+/// fn takes<C: OutboxConnection>() {}
+/// takes::<diesel::SqliteConnection>();
+/// takes::<diesel_transaction_signals::SignalConnection<diesel::SqliteConnection>>();
+/// # }
+/// ```
+pub trait OutboxConnection: Connection + sealed::Sealed + Send + 'static {
+    #[doc(hidden)]
+    fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>>;
+    #[doc(hidden)]
+    fn outbox_claim(
+        &mut self,
+        relay: &str,
+        queues_json: &str,
+        limit: i64,
+        lease_ms: i64,
+    ) -> QueryResult<Vec<ClaimedRow>>;
+    #[doc(hidden)]
+    fn outbox_complete(&mut self, ids: &[i64]) -> QueryResult<()>;
+    #[doc(hidden)]
+    fn outbox_fail(&mut self, id: i64, error: &str, delay_ms: i64, dead: bool) -> QueryResult<()>;
+    #[doc(hidden)]
+    fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()>;
+    #[doc(hidden)]
+    fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>>;
+}
+
+/// Deletes delivered rows (the same SQL on every backend).
+fn delete_ids<Conn>(conn: &mut Conn, ids: &[i64]) -> QueryResult<()>
+where
+    Conn: Connection,
+    diesel::query_builder::SqlQuery: diesel::query_dsl::methods::ExecuteDsl<Conn>,
+{
+    if ids.is_empty() {
+        return Ok(());
+    }
+    diesel::sql_query(format!(
+        "DELETE FROM dts_outbox WHERE id IN ({})",
+        id_list(ids)
+    ))
+    .execute(conn)
+    .map(drop)
+}
+
+pub(crate) fn id_list(ids: &[i64]) -> String {
+    let mut s = String::with_capacity(ids.len() * 8);
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&id.to_string());
+    }
+    s
+}
+
+impl<C: OutboxConnection> sealed::Sealed for SignalConnection<C> {}
+
+impl<C: OutboxConnection> OutboxConnection for SignalConnection<C> {
+    fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
+        self.inner.outbox_insert(row)
+    }
+    fn outbox_claim(
+        &mut self,
+        relay: &str,
+        queues_json: &str,
+        limit: i64,
+        lease_ms: i64,
+    ) -> QueryResult<Vec<ClaimedRow>> {
+        self.inner.outbox_claim(relay, queues_json, limit, lease_ms)
+    }
+    fn outbox_complete(&mut self, ids: &[i64]) -> QueryResult<()> {
+        self.inner.outbox_complete(ids)
+    }
+    fn outbox_fail(&mut self, id: i64, error: &str, delay_ms: i64, dead: bool) -> QueryResult<()> {
+        self.inner.outbox_fail(id, error, delay_ms, dead)
+    }
+    fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()> {
+        self.inner.outbox_release(relay, ids)
+    }
+    fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>> {
+        self.inner.outbox_unknown_queues(queues_json)
+    }
+}
+
+fn counts(rows: Vec<QueueCount>) -> Vec<(String, i64)> {
+    rows.into_iter().map(|r| (r.queue, r.n)).collect()
+}
+
+#[cfg(feature = "postgres")]
+mod pg {
+    use super::*;
+    use diesel::PgConnection;
+
+    const NOW_MS: &str = "(extract(epoch FROM now()) * 1000)::BIGINT";
+
+    impl sealed::Sealed for PgConnection {}
+
+    impl OutboxConnection for PgConnection {
+        fn outbox_complete(&mut self, ids: &[i64]) -> QueryResult<()> {
+            delete_ids(self, ids)
+        }
+
+        fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
+            let ids: Vec<Id> = diesel::sql_query(format!(
+                "INSERT INTO dts_outbox (queue, payload, idempotency_key, max_attempts, run_at) \
+                 VALUES ($1, $2, $3, $4, {NOW_MS} + $5) \
+                 ON CONFLICT (queue, idempotency_key) DO NOTHING RETURNING id"
+            ))
+            .bind::<Text, _>(&row.queue)
+            .bind::<Text, _>(&row.payload)
+            .bind::<Nullable<Text>, _>(&row.idempotency_key)
+            .bind::<Integer, _>(row.max_attempts)
+            .bind::<BigInt, _>(row.delay_ms)
+            .load(self)?;
+            Ok(ids.first().map(|r| r.id))
+        }
+
+        fn outbox_claim(
+            &mut self,
+            relay: &str,
+            queues_json: &str,
+            limit: i64,
+            lease_ms: i64,
+        ) -> QueryResult<Vec<ClaimedRow>> {
+            diesel::sql_query(format!(
+                "UPDATE dts_outbox SET locked_until = {NOW_MS} + $3, locked_by = $1, \
+                 attempts = attempts + 1 \
+                 WHERE id IN (SELECT id FROM dts_outbox \
+                   WHERE state = 0 AND run_at <= {NOW_MS} \
+                   AND (locked_until IS NULL OR locked_until < {NOW_MS}) \
+                   AND queue IN (SELECT jsonb_array_elements_text($2::jsonb)) \
+                   ORDER BY run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                 RETURNING id, queue, payload, attempts, max_attempts, idempotency_key"
+            ))
+            .bind::<Text, _>(relay)
+            .bind::<Text, _>(queues_json)
+            .bind::<BigInt, _>(lease_ms)
+            .bind::<BigInt, _>(limit)
+            .load(self)
+        }
+
+        fn outbox_fail(
+            &mut self,
+            id: i64,
+            error: &str,
+            delay_ms: i64,
+            dead: bool,
+        ) -> QueryResult<()> {
+            diesel::sql_query(format!(
+                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, last_error = $1, \
+                 run_at = {NOW_MS} + $2, state = $3 WHERE id = $4"
+            ))
+            .bind::<Text, _>(error)
+            .bind::<BigInt, _>(delay_ms)
+            .bind::<Integer, _>(if dead { 2 } else { 0 })
+            .bind::<BigInt, _>(id)
+            .execute(self)
+            .map(drop)
+        }
+
+        fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()> {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            diesel::sql_query(format!(
+                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, \
+                 attempts = attempts - 1 WHERE id IN ({}) AND locked_by = $1",
+                id_list(ids)
+            ))
+            .bind::<Text, _>(relay)
+            .execute(self)
+            .map(drop)
+        }
+
+        fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>> {
+            diesel::sql_query(
+                "SELECT queue, COUNT(*)::BIGINT AS n FROM dts_outbox WHERE state = 0 \
+                 AND queue NOT IN (SELECT jsonb_array_elements_text($1::jsonb)) GROUP BY queue",
+            )
+            .bind::<Text, _>(queues_json)
+            .load(self)
+            .map(counts)
+        }
+    }
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use super::*;
+    use diesel::SqliteConnection;
+
+    const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
+
+    impl sealed::Sealed for SqliteConnection {}
+
+    impl OutboxConnection for SqliteConnection {
+        fn outbox_complete(&mut self, ids: &[i64]) -> QueryResult<()> {
+            delete_ids(self, ids)
+        }
+
+        fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
+            let ids: Vec<Id> = diesel::sql_query(format!(
+                "INSERT INTO dts_outbox (queue, payload, idempotency_key, max_attempts, run_at) \
+                 VALUES (?, ?, ?, ?, {NOW_MS} + ?) \
+                 ON CONFLICT (queue, idempotency_key) DO NOTHING RETURNING id"
+            ))
+            .bind::<Text, _>(&row.queue)
+            .bind::<Text, _>(&row.payload)
+            .bind::<Nullable<Text>, _>(&row.idempotency_key)
+            .bind::<Integer, _>(row.max_attempts)
+            .bind::<BigInt, _>(row.delay_ms)
+            .load(self)?;
+            Ok(ids.first().map(|r| r.id))
+        }
+
+        fn outbox_claim(
+            &mut self,
+            relay: &str,
+            queues_json: &str,
+            limit: i64,
+            lease_ms: i64,
+        ) -> QueryResult<Vec<ClaimedRow>> {
+            // SQLite serialises writers: the UPDATE itself is the claim.
+            diesel::sql_query(format!(
+                "UPDATE dts_outbox SET locked_until = {NOW_MS} + ?, locked_by = ?, \
+                 attempts = attempts + 1 \
+                 WHERE id IN (SELECT id FROM dts_outbox \
+                   WHERE state = 0 AND run_at <= {NOW_MS} \
+                   AND (locked_until IS NULL OR locked_until < {NOW_MS}) \
+                   AND queue IN (SELECT value FROM json_each(?)) \
+                   ORDER BY run_at, id LIMIT ?) \
+                 RETURNING id, queue, payload, attempts, max_attempts, idempotency_key"
+            ))
+            .bind::<BigInt, _>(lease_ms)
+            .bind::<Text, _>(relay)
+            .bind::<Text, _>(queues_json)
+            .bind::<BigInt, _>(limit)
+            .load(self)
+        }
+
+        fn outbox_fail(
+            &mut self,
+            id: i64,
+            error: &str,
+            delay_ms: i64,
+            dead: bool,
+        ) -> QueryResult<()> {
+            diesel::sql_query(format!(
+                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, last_error = ?, \
+                 run_at = {NOW_MS} + ?, state = ? WHERE id = ?"
+            ))
+            .bind::<Text, _>(error)
+            .bind::<BigInt, _>(delay_ms)
+            .bind::<Integer, _>(if dead { 2 } else { 0 })
+            .bind::<BigInt, _>(id)
+            .execute(self)
+            .map(drop)
+        }
+
+        fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()> {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            diesel::sql_query(format!(
+                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, \
+                 attempts = attempts - 1 WHERE id IN ({}) AND locked_by = ?",
+                id_list(ids)
+            ))
+            .bind::<Text, _>(relay)
+            .execute(self)
+            .map(drop)
+        }
+
+        fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>> {
+            diesel::sql_query(
+                "SELECT queue, COUNT(*) AS n FROM dts_outbox WHERE state = 0 \
+                 AND queue NOT IN (SELECT value FROM json_each(?)) GROUP BY queue",
+            )
+            .bind::<Text, _>(queues_json)
+            .load(self)
+            .map(counts)
+        }
+    }
+}
+
+#[cfg(feature = "mysql")]
+mod mysql {
+    use super::*;
+    use diesel::MysqlConnection;
+
+    const NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
+
+    impl sealed::Sealed for MysqlConnection {}
+
+    impl OutboxConnection for MysqlConnection {
+        fn outbox_complete(&mut self, ids: &[i64]) -> QueryResult<()> {
+            delete_ids(self, ids)
+        }
+
+        fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
+            // A duplicate key fails the statement alone on MySQL (the transaction goes on), so
+            // the unique index itself is the idempotency check.
+            let inserted = diesel::sql_query(format!(
+                "INSERT INTO dts_outbox (queue, payload, idempotency_key, max_attempts, run_at) \
+                 VALUES (?, ?, ?, ?, {NOW_MS} + ?)"
+            ))
+            .bind::<Text, _>(&row.queue)
+            .bind::<Text, _>(&row.payload)
+            .bind::<Nullable<Text>, _>(&row.idempotency_key)
+            .bind::<Integer, _>(row.max_attempts)
+            .bind::<BigInt, _>(row.delay_ms)
+            .execute(self);
+            match inserted {
+                Err(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::UniqueViolation,
+                    _,
+                )) if row.idempotency_key.is_some() => return Ok(None),
+                other => other?,
+            };
+            let id: Id = diesel::sql_query("SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS id")
+                .get_result(self)?;
+            Ok(Some(id.id))
+        }
+
+        fn outbox_claim(
+            &mut self,
+            relay: &str,
+            queues_json: &str,
+            limit: i64,
+            lease_ms: i64,
+        ) -> QueryResult<Vec<ClaimedRow>> {
+            // No UPDATE .. RETURNING: lock with SKIP LOCKED, then update and read, in one
+            // transaction on the plain connection.
+            let claim = |conn: &mut MysqlConnection| {
+                let ids: Vec<Id> = diesel::sql_query(format!(
+                    "SELECT id FROM dts_outbox WHERE state = 0 AND run_at <= {NOW_MS} \
+                     AND (locked_until IS NULL OR locked_until < {NOW_MS}) \
+                     AND JSON_CONTAINS(?, JSON_QUOTE(queue)) \
+                     ORDER BY run_at, id LIMIT ? FOR UPDATE SKIP LOCKED"
+                ))
+                .bind::<Text, _>(queues_json)
+                .bind::<BigInt, _>(limit)
+                .load(conn)?;
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let list = id_list(&ids.iter().map(|r| r.id).collect::<Vec<_>>());
+                diesel::sql_query(format!(
+                    "UPDATE dts_outbox SET locked_until = {NOW_MS} + ?, locked_by = ?, \
+                     attempts = attempts + 1 WHERE id IN ({list})"
+                ))
+                .bind::<BigInt, _>(lease_ms)
+                .bind::<Text, _>(relay)
+                .execute(conn)?;
+                diesel::sql_query(format!(
+                    "SELECT id, queue, payload, attempts, max_attempts, idempotency_key \
+                     FROM dts_outbox WHERE id IN ({list}) ORDER BY run_at, id"
+                ))
+                .load(conn)
+            };
+            self.transaction(claim)
+        }
+
+        fn outbox_fail(
+            &mut self,
+            id: i64,
+            error: &str,
+            delay_ms: i64,
+            dead: bool,
+        ) -> QueryResult<()> {
+            diesel::sql_query(format!(
+                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, last_error = ?, \
+                 run_at = {NOW_MS} + ?, state = ? WHERE id = ?"
+            ))
+            .bind::<Text, _>(error)
+            .bind::<BigInt, _>(delay_ms)
+            .bind::<Integer, _>(if dead { 2 } else { 0 })
+            .bind::<BigInt, _>(id)
+            .execute(self)
+            .map(drop)
+        }
+
+        fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()> {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            diesel::sql_query(format!(
+                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, \
+                 attempts = attempts - 1 WHERE id IN ({}) AND locked_by = ?",
+                id_list(ids)
+            ))
+            .bind::<Text, _>(relay)
+            .execute(self)
+            .map(drop)
+        }
+
+        fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>> {
+            diesel::sql_query(
+                "SELECT queue, CAST(COUNT(*) AS SIGNED) AS n FROM dts_outbox WHERE state = 0 \
+                 AND NOT JSON_CONTAINS(?, JSON_QUOTE(queue)) GROUP BY queue",
+            )
+            .bind::<Text, _>(queues_json)
+            .load(self)
+            .map(counts)
+        }
+    }
+}

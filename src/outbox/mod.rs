@@ -1,0 +1,456 @@
+//! Durable deferred work: a transactional outbox that survives a crash between COMMIT and the
+//! hook.
+//!
+//! Every `on_commit` in every ecosystem (Django, Rails, Spring, this crate's
+//! [`defer!`](crate::defer!)) is **at most once**: if the process dies after COMMIT and before
+//! the hook runs, the work is lost. The outbox makes deferred work **at least once** and still
+//! never for rolled-back data:
+//!
+//! 1. [`SignalConnection::defer_durable`] writes a job row into the `dts_outbox` table *inside*
+//!    the current transaction, so it commits or rolls back with the user's data. The payload is
+//!    serialized to JSON at once: a payload that fails to serialize is an error then, inside
+//!    the transaction, not a lost job later.
+//! 2. After COMMIT an on-commit hook wakes the in-process [`Relay`] at once; on PostgreSQL a
+//!    trigger sends `NOTIFY dts_outbox` in the same transaction, which wakes relays in other
+//!    processes (feature `outbox-listen`).
+//! 3. The [`Relay`] claims batches of due rows with a lease (`FOR UPDATE SKIP LOCKED` on
+//!    PostgreSQL and MySQL/MariaDB), runs the handler registered for the row's queue, deletes
+//!    the rows that succeeded, and retries failures with exponential backoff and jitter until
+//!    `max_attempts`, when the row moves to the dead-letter state with its last error.
+//!
+//! | | [`defer!`](crate::defer!) / `on_commit` | [`defer_durable`](SignalConnection::defer_durable) |
+//! |---|---|---|
+//! | runs for rolled-back work | never | never |
+//! | crash between COMMIT and the hook | lost | delivered after restart (or by another relay) |
+//! | delivery | exactly once, in this process, right after COMMIT | at least once: a crash or an expired lease after the handler ran but before its row was deleted runs it again; handlers see a stable [`JobId`] and the attempt number for idempotency |
+//! | cost | a boxed closure | a row insert in the transaction, a claim and a delete (batched) |
+//!
+//! Tables: run [`migrations`] with your `MigrationHarness`, or apply the SQL in
+//! [`sql`] with another migration tool.
+//!
+//! # Example
+//!
+//! ```
+//! # #[cfg(feature = "sqlite")] {
+//! use diesel::prelude::*;
+//! use diesel::r2d2::{ConnectionManager, Pool};
+//! use diesel_migrations::MigrationHarness;
+//! use diesel_transaction_signals::outbox::{self, Job, Relay};
+//! use diesel_transaction_signals::SignalConnection;
+//! use std::sync::mpsc;
+//!
+//! # let dir = tempfile::tempdir().unwrap();
+//! # let url = dir.path().join("app.db").to_string_lossy().into_owned();
+//! type Conn = SignalConnection<SqliteConnection>;
+//! let pool = Pool::builder().max_size(2).build(ConnectionManager::<Conn>::new(&url))?;
+//! pool.get()?.run_pending_migrations(outbox::migrations::SQLITE)?;
+//!
+//! let (tx, delivered) = mpsc::channel();
+//! let relay = Relay::builder(pool.clone())
+//!     .handler("welcome_email", move |job: &Job| {
+//!         let user_id: i64 = job.payload()?;
+//!         tx.send(user_id)?;
+//!         Ok(())
+//!     })
+//!     .spawn()?;
+//!
+//! let mut conn = pool.get()?;
+//! conn.transaction(|conn| {
+//!     // ... insert the user ...
+//!     conn.defer_durable("welcome_email", &42_i64)?;
+//!     Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+//! })?;
+//! assert_eq!(delivered.recv_timeout(std::time::Duration::from_secs(10))?, 42);
+//! relay.shutdown();
+//! # }
+//! # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+//! ```
+
+mod backend;
+mod relay;
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub(crate) use backend::NewRow;
+pub use backend::OutboxConnection;
+pub use relay::{Backoff, Job, JobId, Relay, RelayBuilder, RelayHandle, RelayStats};
+
+use crate::SignalConnection;
+
+/// The outbox migrations, embedded, for `MigrationHarness::run_pending_migrations`.
+///
+/// ```
+/// # #[cfg(feature = "sqlite")] {
+/// use diesel::prelude::*;
+/// use diesel_migrations::MigrationHarness;
+/// use diesel_transaction_signals::outbox::migrations;
+///
+/// let mut conn = SqliteConnection::establish(":memory:").unwrap();
+/// conn.run_pending_migrations(migrations::SQLITE).unwrap();
+/// # }
+/// ```
+pub mod migrations {
+    use diesel_migrations::{embed_migrations, EmbeddedMigrations};
+
+    /// For PostgreSQL (adds the `NOTIFY` trigger that wakes relays in other processes).
+    pub const POSTGRES: EmbeddedMigrations = embed_migrations!("migrations/outbox/postgres");
+    /// For SQLite.
+    pub const SQLITE: EmbeddedMigrations = embed_migrations!("migrations/outbox/sqlite");
+    /// For MySQL / MariaDB.
+    pub const MYSQL: EmbeddedMigrations = embed_migrations!("migrations/outbox/mysql");
+}
+
+/// The outbox tables as plain SQL, for other migration tools.
+///
+/// ```
+/// use diesel_transaction_signals::outbox::sql;
+/// assert!(sql::POSTGRES_UP.contains("CREATE TABLE dts_outbox"));
+/// ```
+pub mod sql {
+    /// Creates the table (and trigger) on PostgreSQL.
+    pub const POSTGRES_UP: &str =
+        include_str!("../../migrations/outbox/postgres/2026-11-26-000100_create_dts_outbox/up.sql");
+    /// Drops them on PostgreSQL.
+    pub const POSTGRES_DOWN: &str = include_str!(
+        "../../migrations/outbox/postgres/2026-11-26-000100_create_dts_outbox/down.sql"
+    );
+    /// Creates the table on SQLite.
+    pub const SQLITE_UP: &str =
+        include_str!("../../migrations/outbox/sqlite/2026-11-26-000100_create_dts_outbox/up.sql");
+    /// Drops it on SQLite.
+    pub const SQLITE_DOWN: &str =
+        include_str!("../../migrations/outbox/sqlite/2026-11-26-000100_create_dts_outbox/down.sql");
+    /// Creates the table on MySQL / MariaDB.
+    pub const MYSQL_UP: &str =
+        include_str!("../../migrations/outbox/mysql/2026-11-26-000100_create_dts_outbox/up.sql");
+    /// Drops it on MySQL / MariaDB.
+    pub const MYSQL_DOWN: &str =
+        include_str!("../../migrations/outbox/mysql/2026-11-26-000100_create_dts_outbox/down.sql");
+}
+
+/// Why a durable job could not be enqueued.
+///
+/// ```
+/// use diesel_transaction_signals::outbox::{DurableJob, OutboxError};
+///
+/// let err = DurableJob::new("bad queue name!", &1).unwrap_err();
+/// assert!(matches!(err, OutboxError::InvalidQueue(_)));
+/// ```
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum OutboxError {
+    /// The payload could not be serialized to JSON.
+    Serialize(serde_json::Error),
+    /// The database refused the row.
+    Database(diesel::result::Error),
+    /// Queue names are 1 to 191 characters of `A-Z a-z 0-9 _ - . :`.
+    InvalidQueue(String),
+    /// `defer_durable!` without a connection needs a transaction open on this thread.
+    NoTransaction,
+}
+
+impl fmt::Display for OutboxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OutboxError::Serialize(e) => write!(f, "durable job payload cannot be serialized: {e}"),
+            OutboxError::Database(e) => write!(f, "durable job could not be written: {e}"),
+            OutboxError::InvalidQueue(q) => write!(
+                f,
+                "invalid queue name {q:?}: use 1 to 191 characters of A-Z a-z 0-9 _ - . :"
+            ),
+            OutboxError::NoTransaction => f.write_str(
+                "defer_durable! without a connection needs a transaction open on this thread",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for OutboxError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            OutboxError::Serialize(e) => Some(e),
+            OutboxError::Database(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<diesel::result::Error> for OutboxError {
+    fn from(e: diesel::result::Error) -> Self {
+        OutboxError::Database(e)
+    }
+}
+
+impl From<OutboxError> for diesel::result::Error {
+    /// Lets `?` carry an outbox error out of a `transaction` closure whose error type is
+    /// Diesel's: database errors stay themselves, the others travel as `QueryBuilderError`.
+    fn from(e: OutboxError) -> Self {
+        match e {
+            OutboxError::Database(e) => e,
+            other => diesel::result::Error::QueryBuilderError(Box::new(other)),
+        }
+    }
+}
+
+pub(crate) fn valid_queue(queue: &str) -> bool {
+    !queue.is_empty()
+        && queue.len() <= 191
+        && queue
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+}
+
+/// A job to enqueue, with its options; see [`SignalConnection::enqueue`].
+///
+/// ```
+/// use diesel_transaction_signals::outbox::DurableJob;
+/// use std::time::Duration;
+///
+/// let job = DurableJob::new("invoices", &serde_json::json!({"order": 7}))?
+///     .idempotency_key("invoice-order-7")
+///     .max_attempts(5)
+///     .delay(Duration::from_secs(60));
+/// # let _ = job;
+/// # Ok::<(), diesel_transaction_signals::outbox::OutboxError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct DurableJob {
+    row: NewRow,
+}
+
+impl DurableJob {
+    /// A job for `queue` with `payload` serialized to JSON now.
+    ///
+    /// ```
+    /// use diesel_transaction_signals::outbox::DurableJob;
+    /// let job = DurableJob::new("emails", &("ada@example.com", 42)).unwrap();
+    /// # let _ = job;
+    /// ```
+    pub fn new<P: Serialize + ?Sized>(queue: &str, payload: &P) -> Result<Self, OutboxError> {
+        if !valid_queue(queue) {
+            return Err(OutboxError::InvalidQueue(queue.to_owned()));
+        }
+        let payload = serde_json::to_string(payload).map_err(OutboxError::Serialize)?;
+        Ok(DurableJob {
+            row: NewRow {
+                queue: queue.to_owned(),
+                payload,
+                idempotency_key: None,
+                max_attempts: 10,
+                delay_ms: 0,
+            },
+        })
+    }
+
+    /// A key unique per queue: enqueueing a second job with the same key is a no-op.
+    ///
+    /// ```
+    /// # use diesel_transaction_signals::outbox::DurableJob;
+    /// let job = DurableJob::new("emails", &1).unwrap().idempotency_key("welcome-1");
+    /// # let _ = job;
+    /// ```
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.row.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// How many attempts before the job moves to the dead-letter state (default 10, at
+    /// least 1).
+    ///
+    /// ```
+    /// # use diesel_transaction_signals::outbox::DurableJob;
+    /// let job = DurableJob::new("emails", &1).unwrap().max_attempts(3);
+    /// # let _ = job;
+    /// ```
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.row.max_attempts = attempts.clamp(1, i32::MAX as u32) as i32;
+        self
+    }
+
+    /// Run no earlier than `delay` after the enqueueing transaction's start.
+    ///
+    /// ```
+    /// # use diesel_transaction_signals::outbox::DurableJob;
+    /// let job = DurableJob::new("reminders", &1).unwrap().delay(std::time::Duration::from_secs(3600));
+    /// # let _ = job;
+    /// ```
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.row.delay_ms = delay.as_millis().min(i64::MAX as u128) as i64;
+        self
+    }
+}
+
+impl<C: OutboxConnection> SignalConnection<C> {
+    /// Enqueues a durable job: writes a row to `dts_outbox` in the current transaction, so it
+    /// commits or rolls back with the rest; outside a transaction it is its own committed write.
+    /// Returns the job's id, or `None` when an idempotency key made it a no-op. The payload is
+    /// serialized now; a serialization error is returned here.
+    ///
+    /// After COMMIT the in-process relays wake at once.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::prelude::*;
+    /// use diesel_migrations::MigrationHarness;
+    /// use diesel_transaction_signals::{outbox, SignalConnection};
+    ///
+    /// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+    /// conn.run_pending_migrations(outbox::migrations::SQLITE).unwrap();
+    /// let id = conn.transaction(|conn| conn.defer_durable("emails", &"ada@example.com")).unwrap();
+    /// assert!(id.is_some());
+    /// # }
+    /// ```
+    pub fn defer_durable<P: Serialize + ?Sized>(
+        &mut self,
+        queue: &str,
+        payload: &P,
+    ) -> Result<Option<JobId>, OutboxError> {
+        self.enqueue(DurableJob::new(queue, payload)?)
+    }
+
+    /// Enqueues a [`DurableJob`] built with options (idempotency key, attempts, delay); see
+    /// [`defer_durable`](Self::defer_durable).
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::prelude::*;
+    /// use diesel_migrations::MigrationHarness;
+    /// use diesel_transaction_signals::outbox::{self, DurableJob};
+    /// use diesel_transaction_signals::SignalConnection;
+    ///
+    /// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+    /// conn.run_pending_migrations(outbox::migrations::SQLITE).unwrap();
+    /// let job = || DurableJob::new("emails", &1).unwrap().idempotency_key("welcome-1");
+    /// assert!(conn.enqueue(job()).unwrap().is_some());
+    /// assert_eq!(conn.enqueue(job()).unwrap(), None, "the same key again is a no-op");
+    /// # }
+    /// ```
+    pub fn enqueue(&mut self, job: DurableJob) -> Result<Option<JobId>, OutboxError> {
+        let id = self.inner.outbox_insert(&job.row)?;
+        if self.transaction_depth() == 0 {
+            wake();
+        } else {
+            self.on_commit(wake);
+        }
+        Ok(id.map(JobId))
+    }
+}
+
+/// Enqueues a durable job ([`SignalConnection::defer_durable`]).
+///
+/// - `defer_durable!(conn, "queue", &payload)` on a connection;
+/// - `defer_durable!("queue", &payload)` without one, into the innermost transaction open on
+///   this thread (as [`defer!`](crate::defer!) does): the payload is serialized now, the row is
+///   written just before that transaction's COMMIT. Outside a transaction this returns
+///   [`OutboxError::NoTransaction`].
+///
+/// Evaluates to `Result<Option<JobId>, OutboxError>` (the connection-less form returns
+/// `Result<(), OutboxError>`: the id is known only at COMMIT).
+///
+/// ```
+/// # #[cfg(feature = "sqlite")] {
+/// use diesel::prelude::*;
+/// use diesel_migrations::MigrationHarness;
+/// use diesel_transaction_signals::{defer_durable, outbox, SignalConnection};
+///
+/// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+/// conn.run_pending_migrations(outbox::migrations::SQLITE).unwrap();
+/// conn.transaction(|conn| {
+///     defer_durable!(conn, "emails", &"ada@example.com")?;
+///     defer_durable!("emails", &"bob@example.com")?; // no handle needed
+///     Ok::<_, outbox::OutboxError>(())
+/// }).unwrap();
+/// assert!(defer_durable!("emails", &"no transaction").is_err());
+/// # }
+/// ```
+#[macro_export]
+macro_rules! defer_durable {
+    ($conn:expr, $queue:expr, $payload:expr $(,)?) => {
+        $conn.defer_durable($queue, $payload)
+    };
+    ($queue:expr, $payload:expr $(,)?) => {
+        $crate::outbox::defer_durable_here($crate::outbox::DurableJob::new($queue, $payload))
+    };
+}
+
+/// `defer_durable!` without a connection.
+#[doc(hidden)]
+#[track_caller]
+pub fn defer_durable_here(job: Result<DurableJob, OutboxError>) -> Result<(), OutboxError> {
+    let job = job?;
+    let hook = crate::hooks::Hook::durable(job.row, std::panic::Location::caller());
+    crate::registry::offer(hook)
+        .map(drop)
+        .map_err(|_| OutboxError::NoTransaction)
+}
+
+/// Writes a row handed over by `defer_durable!` on the inner connection, whatever its type.
+pub(crate) fn insert_erased(
+    conn: &mut dyn std::any::Any,
+    row: &NewRow,
+) -> Option<diesel::QueryResult<Option<i64>>> {
+    #[cfg(feature = "postgres")]
+    if let Some(c) = conn.downcast_mut::<diesel::PgConnection>() {
+        return Some(c.outbox_insert(row));
+    }
+    #[cfg(feature = "sqlite")]
+    if let Some(c) = conn.downcast_mut::<diesel::SqliteConnection>() {
+        return Some(c.outbox_insert(row));
+    }
+    #[cfg(feature = "mysql")]
+    if let Some(c) = conn.downcast_mut::<diesel::MysqlConnection>() {
+        return Some(c.outbox_insert(row));
+    }
+    let _ = (conn, row);
+    None
+}
+
+/// The in-process wake-up: relays wait on it when idle; commits of durable jobs ring it.
+struct Bell {
+    generation: AtomicU64,
+    waiting: AtomicUsize,
+    lock: Mutex<()>,
+    cond: Condvar,
+}
+
+static BELL: Bell = Bell {
+    generation: AtomicU64::new(0),
+    waiting: AtomicUsize::new(0),
+    lock: Mutex::new(()),
+    cond: Condvar::new(),
+};
+
+/// Wakes every idle relay of this process (called after a COMMIT that wrote durable jobs).
+///
+/// ```
+/// diesel_transaction_signals::outbox::wake(); // harmless when nothing waits
+/// ```
+pub fn wake() {
+    // SeqCst pairs with `wait_for_bell`: either the waiter sees the new generation, or the
+    // waker sees the waiter and notifies it.
+    BELL.generation.fetch_add(1, Ordering::SeqCst);
+    if BELL.waiting.load(Ordering::SeqCst) > 0 {
+        let _guard = BELL.lock.lock().unwrap_or_else(|e| e.into_inner());
+        BELL.cond.notify_all();
+    }
+}
+
+/// The bell's generation now; pass it to [`wait_for_bell`].
+pub(crate) fn bell_generation() -> u64 {
+    BELL.generation.load(Ordering::SeqCst)
+}
+
+/// Waits until the bell rang after `seen`, or `timeout` passed.
+pub(crate) fn wait_for_bell(seen: u64, timeout: Duration) {
+    BELL.waiting.fetch_add(1, Ordering::SeqCst);
+    let guard = BELL.lock.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = BELL.cond.wait_timeout_while(guard, timeout, |_| {
+        BELL.generation.load(Ordering::SeqCst) == seen
+    });
+    BELL.waiting.fetch_sub(1, Ordering::SeqCst);
+}
