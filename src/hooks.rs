@@ -376,16 +376,17 @@ pub(crate) enum Callback {
     /// A `before_commit` hook: a boxed `FnOnce(&mut SignalConnection<C>)`, type-erased because
     /// the stack does not know `C`.
     Before(Box<dyn std::any::Any + Send + 'static>),
-    /// A row handed over by `defer_durable!`, written just before COMMIT.
+    /// A row handed over by `defer_durable!`, written just before COMMIT (boxed: keeps every
+    /// hook small).
     #[cfg(feature = "outbox")]
-    Durable(crate::outbox::NewRow),
+    Durable(Box<crate::outbox::NewRow>),
 }
 
 /// What the pre-commit phase runs: a `before_commit` closure (type-erased) or a durable row.
 pub(crate) enum PreCommit {
     Before(Box<dyn std::any::Any + Send + 'static>),
     #[cfg(feature = "outbox")]
-    Durable(crate::outbox::NewRow),
+    Durable(Box<crate::outbox::NewRow>),
 }
 
 /// One registered hook: its closure and where it was registered.
@@ -447,7 +448,7 @@ impl Hook {
         location: &'static Location<'static>,
     ) -> Self {
         Hook {
-            callback: Callback::Durable(row),
+            callback: Callback::Durable(Box::new(row)),
             location,
         }
     }
@@ -486,22 +487,6 @@ impl Hook {
             _ => false,
         }
     }
-
-    /// Runs the hook if it applies to `outcome` and returns whether it ran. A hook that does
-    /// not apply is dropped here (its captured values are freed).
-    pub(crate) fn settle(self, outcome: Outcome, conn: Option<&Label>) -> bool {
-        let location = self.location;
-        let (kind, result) = match (self.callback, outcome) {
-            (Callback::Commit(f), Outcome::Committed) => (HookKind::Commit, run_caught(f)),
-            (Callback::Rollback(f), Outcome::RolledBack) => (HookKind::Rollback, run_caught(f)),
-            (Callback::Complete(f), o) => (HookKind::Complete, run_caught(move || f(o))),
-            _ => return false,
-        };
-        if let Err(cause) = result {
-            report(HookFailure::new(kind, location, conn, cause));
-        }
-        true
-    }
 }
 
 #[inline]
@@ -513,9 +498,10 @@ fn run_caught(f: impl FnOnce() -> Option<String>) -> Result<(), FailureCause> {
     }
 }
 
-/// Settles `hooks` for `outcome` and logs what was dropped unrun: at debug level where that is
-/// the normal fate (commit hooks of rolled-back work), at error level where nobody can know
-/// (`Unknown`).
+/// Settles `hooks` for `outcome`: runs those that apply (a hook that panics or returns `Err` is
+/// caught and reported), drops the others, and logs what was dropped unrun: at debug level where
+/// that is the normal fate (commit hooks of rolled-back work), at error level where nobody can
+/// know (`Unknown`).
 pub(crate) fn settle_all(
     hooks: impl Iterator<Item = Hook>,
     outcome: Outcome,
@@ -523,28 +509,43 @@ pub(crate) fn settle_all(
     why: &str,
 ) -> Settled {
     let mut settled = Settled::default();
-    for hook in hooks {
-        let kind = hook.kind();
-        let location = hook.location();
-        if hook.settle(outcome, conn) {
-            settled.ran += 1;
-        } else {
-            settled.discarded += 1;
-            if outcome == Outcome::Unknown {
-                log::error!(
-                    target: "diesel_transaction_signals",
-                    "{kind} hook registered at {location} dropped unrun: {why}; the outcome of the transaction is unknown{}",
-                    conn.map(|c| format!(" (connection {c})")).unwrap_or_default()
-                );
-            } else {
-                log::debug!(
-                    target: "diesel_transaction_signals",
-                    "{kind} hook registered at {location} discarded: {why}"
-                );
+    for Hook { callback, location } in hooks {
+        // One match per hook; the discard path (and its log line) is out of line.
+        let (kind, result) = match (callback, outcome) {
+            (Callback::Commit(f), Outcome::Committed) => (HookKind::Commit, run_caught(f)),
+            (Callback::Rollback(f), Outcome::RolledBack) => (HookKind::Rollback, run_caught(f)),
+            (Callback::Complete(f), o) => (HookKind::Complete, run_caught(move || f(o))),
+            (callback, _) => {
+                settled.discarded += 1;
+                discard(Hook { callback, location }, outcome, conn, why);
+                continue;
             }
+        };
+        settled.ran += 1;
+        if let Err(cause) = result {
+            report(HookFailure::new(kind, location, conn, cause));
         }
     }
     settled
+}
+
+/// Drops a hook that does not apply to `outcome` (its captured values are freed) and logs it.
+#[cold]
+fn discard(hook: Hook, outcome: Outcome, conn: Option<&Label>, why: &str) {
+    let (kind, location) = (hook.kind(), hook.location());
+    drop(hook);
+    if outcome == Outcome::Unknown {
+        log::error!(
+            target: "diesel_transaction_signals",
+            "{kind} hook registered at {location} dropped unrun: {why}; the outcome of the transaction is unknown{}",
+            conn.map(|c| format!(" (connection {c})")).unwrap_or_default()
+        );
+    } else {
+        log::debug!(
+            target: "diesel_transaction_signals",
+            "{kind} hook registered at {location} discarded: {why}"
+        );
+    }
 }
 
 /// Counts of hooks settled at the end of a level.
@@ -584,6 +585,20 @@ impl HookStack {
             serial,
         });
         serial
+    }
+
+    /// Whether the innermost open level holds no hook (true with no level open).
+    #[inline]
+    pub(crate) fn innermost_is_empty(&self) -> bool {
+        self.levels
+            .last()
+            .is_none_or(|l| l.start == self.hooks.len())
+    }
+
+    /// Whether a pre-commit hook (`before_commit`, a durable row) may be pending.
+    #[inline]
+    pub(crate) fn has_before(&self) -> bool {
+        self.has_before
     }
 
     #[inline]

@@ -188,7 +188,11 @@ impl<C: Connection + 'static> TransactionManager<SignalConnection<C>>
     fn commit_transaction(conn: &mut SignalConnection<C>) -> QueryResult<()> {
         conn.sync();
         let mut before = InnerState::read(&mut conn.inner);
-        if matches!(before, InnerState::Open { depth: 1, .. }) {
+        // The pre-commit phase has nothing to do without PRE_COMMIT receivers or
+        // `before_commit` hooks: skip it (and its `sync`).
+        if matches!(before, InnerState::Open { depth: 1, .. })
+            && (signals::PRE_COMMIT.is_active() || conn.state.stack.has_before())
+        {
             if let Err(e) = conn.pre_commit() {
                 let _ = C::TransactionManager::rollback_transaction(&mut conn.inner);
                 conn.state

@@ -42,15 +42,23 @@ impl Inbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes the waiting hooks, if any. Cheap (one atomic load) when there are none.
+    /// Whether hooks may be waiting: one atomic load.
     #[inline]
-    pub(crate) fn take(&self) -> Option<Vec<(u64, Hook)>> {
-        if !self.pending.load(Ordering::Acquire) {
-            return None;
-        }
+    pub(crate) fn has_pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Swaps the waiting hooks, if any, into `into` (empty), which leaves `into`'s buffer here
+    /// for the next `defer`s: once both buffers have grown, deferring allocates nothing but the
+    /// hook's box.
+    pub(crate) fn take_into(&self, into: &mut Vec<(u64, Hook)>) -> bool {
         let mut st = self.lock();
+        if !self.pending.load(Ordering::Acquire) {
+            return false;
+        }
         self.pending.store(false, Ordering::Release);
-        Some(std::mem::take(&mut st.hooks))
+        std::mem::swap(&mut st.hooks, into);
+        true
     }
 
     /// Marks the connection gone: later `defer`s skip entries naming this inbox.
@@ -111,6 +119,10 @@ pub(crate) fn leave(conn: ConnectionId, serial: u64, inbox: &Inbox) {
                 .iter()
                 .rposition(|e| e.conn == conn && e.serial == serial)
             {
+                Some(i) if i + 1 == open.len() => {
+                    open.pop();
+                    true
+                }
                 Some(i) => {
                     open.remove(i);
                     true

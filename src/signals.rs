@@ -437,6 +437,8 @@ impl TransactionEvent {
     }
 
     /// How long the transaction has been open: from BEGIN to the end (or to `PRE_COMMIT`).
+    /// Zero for a transaction that began before any receiver was connected: the clock is only
+    /// read at BEGIN when someone listens.
     ///
     /// ```
     /// # use diesel_transaction_signals::signals::TransactionEvent;
@@ -552,6 +554,12 @@ impl fmt::Display for Veto {
 }
 
 impl std::error::Error for Veto {}
+
+/// Whether any signal has a receiver (an event will be built for this transaction).
+#[inline]
+pub(crate) fn any_receivers() -> bool {
+    PRE_COMMIT.is_active() || any_post_receivers()
+}
 
 /// Whether any end-of-transaction signal has a receiver.
 #[inline]

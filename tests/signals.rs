@@ -346,8 +346,11 @@ macro_rules! signal_suite {
                 assert_eq!(values(&mut conn, &tag), [1, 2]);
                 assert_eq!(events.take()[0], "pre:None:0:1", "PRE_COMMIT came first");
                 // Outside a transaction: runs at once.
-                conn.before_commit(|c| insert(c, "before-outside", 1).map(drop))
+                let outside = common::unique_tag("before-outside");
+                let t = outside.clone();
+                conn.before_commit(move |c| insert(c, &t, 1).map(drop))
                     .unwrap();
+                assert_eq!(values(&mut conn, &outside), [1]);
             }
 
             #[test]

@@ -36,6 +36,8 @@ pub struct ClaimedRow {
     pub(crate) max_attempts: i32,
     #[diesel(sql_type = Nullable<Text>)]
     pub(crate) idempotency_key: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    pub(crate) run_at: i64,
 }
 
 #[derive(QueryableByName)]
@@ -194,7 +196,7 @@ mod pg {
                    AND (locked_until IS NULL OR locked_until < {NOW_MS}) \
                    AND queue IN (SELECT jsonb_array_elements_text($2::jsonb)) \
                    ORDER BY run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
-                 RETURNING id, queue, payload, attempts, max_attempts, idempotency_key"
+                 RETURNING id, queue, payload, attempts, max_attempts, idempotency_key, run_at"
             ))
             .bind::<Text, _>(relay)
             .bind::<Text, _>(queues_json)
@@ -293,7 +295,7 @@ mod sqlite {
                    AND (locked_until IS NULL OR locked_until < {NOW_MS}) \
                    AND queue IN (SELECT value FROM json_each(?)) \
                    ORDER BY run_at, id LIMIT ?) \
-                 RETURNING id, queue, payload, attempts, max_attempts, idempotency_key"
+                 RETURNING id, queue, payload, attempts, max_attempts, idempotency_key, run_at"
             ))
             .bind::<BigInt, _>(lease_ms)
             .bind::<Text, _>(relay)
@@ -417,7 +419,7 @@ mod mysql {
                 .bind::<Text, _>(relay)
                 .execute(conn)?;
                 diesel::sql_query(format!(
-                    "SELECT id, queue, payload, attempts, max_attempts, idempotency_key \
+                    "SELECT id, queue, payload, attempts, max_attempts, idempotency_key, run_at \
                      FROM dts_outbox WHERE id IN ({list}) ORDER BY run_at, id"
                 ))
                 .load(conn)

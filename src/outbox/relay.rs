@@ -781,7 +781,7 @@ where
                     continue;
                 }
             };
-            let rows = match conn.outbox_claim(
+            let mut rows = match conn.outbox_claim(
                 &self.name,
                 &self.queues_json,
                 self.batch_size,
@@ -805,6 +805,8 @@ where
                 wait_for_bell(seen, self.poll_interval);
                 continue;
             }
+            // RETURNING gives no order: run the batch in due order, oldest first.
+            rows.sort_unstable_by_key(|r| (r.run_at, r.id));
             self.run_batch(&mut conn, rows, &mut rng);
         }
     }
