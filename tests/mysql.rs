@@ -5,7 +5,7 @@ mod common;
 use common::{items, Recorder};
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error};
-use diesel_transaction_signals::{Outcome, SignalConnection, TransactionAborted};
+use diesel_transaction_signals::{SignalConnection, TransactionAborted};
 
 type Conn = SignalConnection<MysqlConnection>;
 
@@ -24,11 +24,6 @@ fn rows(tag: &str) -> Vec<i32> {
         .unwrap()
 }
 
-fn outcome_recorder(rec: &Recorder, label: &'static str) -> impl FnOnce(Outcome) + Send {
-    let rec = rec.clone();
-    move |o| rec.push(format!("{label}:{o:?}"))
-}
-
 fn scratch_table(tag: &str) -> String {
     format!("scratch_{}", tag.replace('-', "_"))
 }
@@ -45,7 +40,7 @@ fn ddl_commits_implicitly_so_a_later_rollback_settles_as_unknown() {
         insert(c, &tag, 1)?;
         c.on_commit(rec.hook("commit"));
         c.on_rollback(rec.hook("rollback"));
-        c.on_complete(outcome_recorder(&rec, "complete"));
+        c.on_complete(rec.outcome("complete"));
         // DDL: MySQL commits the transaction before it, and runs what follows in autocommit.
         diesel::sql_query(format!("CREATE TABLE {table} (id INT)")).execute(c)?;
         insert(c, &tag, 2)?;
@@ -85,7 +80,7 @@ fn ddl_in_a_savepoint_that_fails_settles_every_level_as_unknown() {
     let _ = conn.transaction(|c| {
         insert(c, &tag, 1)?;
         c.on_commit(rec.hook("outer commit"));
-        c.on_complete(outcome_recorder(&rec, "outer complete"));
+        c.on_complete(rec.outcome("outer complete"));
         let inner: QueryResult<()> = c.transaction(|c| {
             c.on_commit(rec.hook("inner commit"));
             c.on_rollback(rec.hook("inner rollback"));
@@ -144,7 +139,7 @@ fn connection_lost_at_commit_is_unknown_and_runs_no_commit_hook() {
         insert(c, &tag, 1)?;
         c.on_commit(rec.hook("commit"));
         c.on_rollback(rec.hook("rollback"));
-        c.on_complete(outcome_recorder(&rec, "complete"));
+        c.on_complete(rec.outcome("complete"));
         kill(c);
         Ok(())
     });

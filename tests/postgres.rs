@@ -7,7 +7,7 @@ use common::{items, Recorder};
 use diesel::prelude::*;
 use diesel::r2d2::R2D2Connection;
 use diesel::result::{DatabaseErrorKind, Error};
-use diesel_transaction_signals::{Outcome, SignalConnection};
+use diesel_transaction_signals::SignalConnection;
 
 type Conn = SignalConnection<PgConnection>;
 
@@ -68,11 +68,6 @@ fn terminate(conn: &mut Conn) {
     assert!(done, "the backend did not terminate");
 }
 
-fn outcome_recorder(rec: &Recorder, label: &'static str) -> impl FnOnce(Outcome) + Send {
-    let rec = rec.clone();
-    move |o| rec.push(format!("{label}:{o:?}"))
-}
-
 #[test]
 fn serialization_failure_at_commit_runs_rollback_hooks_and_can_be_retried() {
     let mut t1 = common::pg();
@@ -85,7 +80,7 @@ fn serialization_failure_at_commit_runs_rollback_hooks_and_can_be_retried() {
         insert(c, &tag, 1)?;
         c.on_commit(rec.hook("t1 commit"));
         c.on_rollback(rec.hook("t1 rollback"));
-        c.on_complete(outcome_recorder(&rec, "t1"));
+        c.on_complete(rec.outcome("t1"));
         t2.build_transaction().serializable().run(|c2| {
             let seen2 = count(c2, &tag);
             insert(c2, &tag, 2)?;
@@ -125,7 +120,7 @@ fn connection_lost_while_commit_is_in_flight_is_unknown_and_runs_no_commit_hook(
         insert(c, &tag, 1)?;
         c.on_commit(rec.hook("commit"));
         c.on_rollback(rec.hook("rollback"));
-        c.on_complete(outcome_recorder(&rec, "complete"));
+        c.on_complete(rec.outcome("complete"));
         terminate(c);
         Ok(()) // COMMIT is the first statement to meet the dead connection
     });
@@ -160,7 +155,7 @@ fn connection_lost_before_commit_is_a_certain_rollback() {
         insert(c, &tag, 1)?;
         c.on_commit(rec.hook("commit"));
         c.on_rollback(rec.hook("rollback"));
-        c.on_complete(outcome_recorder(&rec, "complete"));
+        c.on_complete(rec.outcome("complete"));
         terminate(c);
         let lost = insert(c, &tag, 2);
         assert!(lost.is_err());

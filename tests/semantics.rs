@@ -45,7 +45,7 @@ macro_rules! semantic_suite {
             use diesel::prelude::*;
             use diesel::result::{DatabaseErrorKind, Error};
             use diesel_transaction_signals::{
-                defer, in_transaction, Outcome, SignalConnection, TransactionAborted,
+                defer, in_transaction, SignalConnection, TransactionAborted,
             };
 
             type Conn = SignalConnection<$conn>;
@@ -70,14 +70,6 @@ macro_rules! semantic_suite {
                     .unwrap()
             }
 
-            fn outcome_recorder(
-                rec: &Recorder,
-                label: &'static str,
-            ) -> impl FnOnce(Outcome) + Send {
-                let rec = rec.clone();
-                move |o| rec.push(format!("{label}:{o:?}"))
-            }
-
             // 1. Outside a transaction.
             #[test]
             fn s01_outside_a_transaction_commit_hooks_run_at_once_rollback_hooks_never() {
@@ -88,7 +80,7 @@ macro_rules! semantic_suite {
                 assert_eq!(rec.take(), ["on_commit"]);
                 defer(rec.hook("defer"));
                 assert_eq!(rec.take(), ["defer"]);
-                conn.on_complete(outcome_recorder(&rec, "complete"));
+                conn.on_complete(rec.outcome("complete"));
                 assert_eq!(rec.take(), ["complete:Committed"]);
                 let guard = Arc::new(());
                 let held = guard.clone();
@@ -153,7 +145,7 @@ macro_rules! semantic_suite {
                         insert(c, &tag, 2)?;
                         c.on_commit(move || drop(held));
                         c.on_rollback(rec.hook("sp rollback"));
-                        c.on_complete(outcome_recorder(&rec, "sp complete"));
+                        c.on_complete(rec.outcome("sp complete"));
                         c.transaction(|c| {
                             insert(c, &tag, 3)?;
                             c.on_commit(rec.hook("nested commit"));
@@ -191,7 +183,7 @@ macro_rules! semantic_suite {
                     c.transaction(|c| {
                         c.on_rollback(rec.hook("r2"));
                         c.on_commit(rec.hook("c2"));
-                        c.on_complete(outcome_recorder(&rec, "k2"));
+                        c.on_complete(rec.outcome("k2"));
                         insert(c, &tag, 2)
                     })?;
                     let _: QueryResult<()> = c.transaction(|c| {
@@ -221,7 +213,7 @@ macro_rules! semantic_suite {
                     insert(c, &tag, 1)?;
                     c.on_commit(rec.hook("commit"));
                     c.on_rollback(rec.hook("rollback"));
-                    c.on_complete(outcome_recorder(&rec, "complete"));
+                    c.on_complete(rec.outcome("complete"));
                     $violate_at_commit(c, &tag);
                     Ok(())
                 });
@@ -254,7 +246,7 @@ macro_rules! semantic_suite {
                     insert(c, &tag, 1)?;
                     c.on_commit(rec.hook("commit"));
                     c.on_rollback(rec.hook("rollback"));
-                    c.on_complete(outcome_recorder(&rec, "complete"));
+                    c.on_complete(rec.outcome("complete"));
                     let dup = insert(c, &tag, 1);
                     assert!(
                         matches!(
@@ -325,7 +317,7 @@ macro_rules! semantic_suite {
                         insert(c, &tag, 1)?;
                         c.on_commit(rec.hook("commit"));
                         c.on_rollback(rec.hook("rollback"));
-                        c.on_complete(outcome_recorder(&rec, "complete"));
+                        c.on_complete(rec.outcome("complete"));
                         panic!("boom");
                     });
                 }));
@@ -562,7 +554,7 @@ macro_rules! semantic_suite {
                 conn.on_commit(rec.hook("commit"));
                 conn.on_rollback(rec.hook("rollback"));
                 defer(rec.hook("deferred"));
-                conn.on_complete(outcome_recorder(&rec, "complete"));
+                conn.on_complete(rec.outcome("complete"));
                 assert!(in_transaction());
                 drop(conn);
                 assert_eq!(rec.take(), ["rollback", "complete:RolledBack"]);
@@ -639,12 +631,12 @@ macro_rules! semantic_suite {
                 let mut conn = connect();
                 let rec = Recorder::new();
                 conn.transaction(|c| {
-                    c.on_complete(outcome_recorder(&rec, "commit"));
+                    c.on_complete(rec.outcome("commit"));
                     QueryResult::Ok(())
                 })
                 .unwrap();
                 let _: QueryResult<()> = conn.transaction(|c| {
-                    c.on_complete(outcome_recorder(&rec, "rollback"));
+                    c.on_complete(rec.outcome("rollback"));
                     Err(Error::RollbackTransaction)
                 });
                 assert_eq!(rec.take(), ["commit:Committed", "rollback:RolledBack"]);

@@ -148,6 +148,46 @@ impl<C: OutboxConnection> OutboxConnection for SignalConnection<C> {
     }
 }
 
+/// `outbox_fail` and `outbox_release` for the backends with `?` placeholders (SQLite, MySQL):
+/// the same SQL, with the module's `NOW_MS`.
+#[allow(unused_macros)]
+macro_rules! question_mark_fail_and_release {
+    () => {
+        fn outbox_fail(
+            &mut self,
+            id: i64,
+            error: &str,
+            delay_ms: i64,
+            dead: bool,
+        ) -> QueryResult<()> {
+            diesel::sql_query(format!(
+                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, last_error = ?, \
+                 run_at = {NOW_MS} + ?, state = ? WHERE id = ?"
+            ))
+            .bind::<Text, _>(error)
+            .bind::<BigInt, _>(delay_ms)
+            .bind::<Integer, _>(if dead { 2 } else { 0 })
+            .bind::<BigInt, _>(id)
+            .execute(self)
+            .map(drop)
+        }
+
+        fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()> {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            diesel::sql_query(format!(
+                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, \
+                 attempts = attempts - 1 WHERE id IN ({}) AND locked_by = ?",
+                id_list(ids)
+            ))
+            .bind::<Text, _>(relay)
+            .execute(self)
+            .map(drop)
+        }
+    };
+}
+
 fn counts(rows: Vec<QueueCount>) -> Vec<(String, i64)> {
     rows.into_iter().map(|r| (r.queue, r.n)).collect()
 }
@@ -304,38 +344,7 @@ mod sqlite {
             .load(self)
         }
 
-        fn outbox_fail(
-            &mut self,
-            id: i64,
-            error: &str,
-            delay_ms: i64,
-            dead: bool,
-        ) -> QueryResult<()> {
-            diesel::sql_query(format!(
-                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, last_error = ?, \
-                 run_at = {NOW_MS} + ?, state = ? WHERE id = ?"
-            ))
-            .bind::<Text, _>(error)
-            .bind::<BigInt, _>(delay_ms)
-            .bind::<Integer, _>(if dead { 2 } else { 0 })
-            .bind::<BigInt, _>(id)
-            .execute(self)
-            .map(drop)
-        }
-
-        fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()> {
-            if ids.is_empty() {
-                return Ok(());
-            }
-            diesel::sql_query(format!(
-                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, \
-                 attempts = attempts - 1 WHERE id IN ({}) AND locked_by = ?",
-                id_list(ids)
-            ))
-            .bind::<Text, _>(relay)
-            .execute(self)
-            .map(drop)
-        }
+        question_mark_fail_and_release!();
 
         fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>> {
             diesel::sql_query(
@@ -427,38 +436,7 @@ mod mysql {
             self.transaction(claim)
         }
 
-        fn outbox_fail(
-            &mut self,
-            id: i64,
-            error: &str,
-            delay_ms: i64,
-            dead: bool,
-        ) -> QueryResult<()> {
-            diesel::sql_query(format!(
-                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, last_error = ?, \
-                 run_at = {NOW_MS} + ?, state = ? WHERE id = ?"
-            ))
-            .bind::<Text, _>(error)
-            .bind::<BigInt, _>(delay_ms)
-            .bind::<Integer, _>(if dead { 2 } else { 0 })
-            .bind::<BigInt, _>(id)
-            .execute(self)
-            .map(drop)
-        }
-
-        fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()> {
-            if ids.is_empty() {
-                return Ok(());
-            }
-            diesel::sql_query(format!(
-                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, \
-                 attempts = attempts - 1 WHERE id IN ({}) AND locked_by = ?",
-                id_list(ids)
-            ))
-            .bind::<Text, _>(relay)
-            .execute(self)
-            .map(drop)
-        }
+        question_mark_fail_and_release!();
 
         fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>> {
             diesel::sql_query(

@@ -183,6 +183,15 @@ impl Recorder {
         move || this.0.lock().unwrap().push(label)
     }
 
+    /// An `on_complete` closure that records `label:Outcome`.
+    pub fn outcome(
+        &self,
+        label: &'static str,
+    ) -> impl FnOnce(diesel_transaction_signals::Outcome) + Send + 'static {
+        let this = self.clone();
+        move |o| this.push(format!("{label}:{o:?}"))
+    }
+
     pub fn push(&self, label: impl Into<String>) {
         self.0.lock().unwrap().push(label.into());
     }
