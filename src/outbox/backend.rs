@@ -84,7 +84,16 @@ pub trait OutboxConnection: Connection + sealed::Sealed + Send + 'static {
     #[doc(hidden)]
     fn outbox_complete(&mut self, ids: &[i64]) -> QueryResult<()>;
     #[doc(hidden)]
-    fn outbox_fail(&mut self, id: i64, error: &str, delay_ms: i64, dead: bool) -> QueryResult<()>;
+    /// Records a failed attempt; returns `false` when the row is no longer leased to `relay`
+    /// (its lease expired and another relay took it: nothing is changed then).
+    fn outbox_fail(
+        &mut self,
+        relay: &str,
+        id: i64,
+        error: &str,
+        delay_ms: i64,
+        dead: bool,
+    ) -> QueryResult<bool>;
     #[doc(hidden)]
     fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()>;
     #[doc(hidden)]
@@ -137,8 +146,15 @@ impl<C: OutboxConnection> OutboxConnection for SignalConnection<C> {
     fn outbox_complete(&mut self, ids: &[i64]) -> QueryResult<()> {
         self.inner.outbox_complete(ids)
     }
-    fn outbox_fail(&mut self, id: i64, error: &str, delay_ms: i64, dead: bool) -> QueryResult<()> {
-        self.inner.outbox_fail(id, error, delay_ms, dead)
+    fn outbox_fail(
+        &mut self,
+        relay: &str,
+        id: i64,
+        error: &str,
+        delay_ms: i64,
+        dead: bool,
+    ) -> QueryResult<bool> {
+        self.inner.outbox_fail(relay, id, error, delay_ms, dead)
     }
     fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()> {
         self.inner.outbox_release(relay, ids)
@@ -155,21 +171,23 @@ macro_rules! question_mark_fail_and_release {
     () => {
         fn outbox_fail(
             &mut self,
+            relay: &str,
             id: i64,
             error: &str,
             delay_ms: i64,
             dead: bool,
-        ) -> QueryResult<()> {
+        ) -> QueryResult<bool> {
             diesel::sql_query(format!(
                 "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, last_error = ?, \
-                 run_at = {NOW_MS} + ?, state = ? WHERE id = ?"
+                 run_at = {NOW_MS} + ?, state = ? WHERE id = ? AND locked_by = ?"
             ))
             .bind::<Text, _>(error)
             .bind::<BigInt, _>(delay_ms)
             .bind::<Integer, _>(if dead { 2 } else { 0 })
             .bind::<BigInt, _>(id)
+            .bind::<Text, _>(relay)
             .execute(self)
-            .map(drop)
+            .map(|n| n == 1)
         }
 
         fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()> {
@@ -247,21 +265,23 @@ mod pg {
 
         fn outbox_fail(
             &mut self,
+            relay: &str,
             id: i64,
             error: &str,
             delay_ms: i64,
             dead: bool,
-        ) -> QueryResult<()> {
+        ) -> QueryResult<bool> {
             diesel::sql_query(format!(
                 "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, last_error = $1, \
-                 run_at = {NOW_MS} + $2, state = $3 WHERE id = $4"
+                 run_at = {NOW_MS} + $2, state = $3 WHERE id = $4 AND locked_by = $5"
             ))
             .bind::<Text, _>(error)
             .bind::<BigInt, _>(delay_ms)
             .bind::<Integer, _>(if dead { 2 } else { 0 })
             .bind::<BigInt, _>(id)
+            .bind::<Text, _>(relay)
             .execute(self)
-            .map(drop)
+            .map(|n| n == 1)
         }
 
         fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()> {

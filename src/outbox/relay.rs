@@ -333,8 +333,10 @@ impl Relay {
 /// - `concurrency(n)`: worker threads (default 1), each claiming its own batches.
 /// - `batch_size(n)`: rows claimed per round trip (default 100); the rows that succeeded are
 ///   deleted in one statement after the batch.
-/// - `lease(d)`: how long a claimed row is reserved (default 30 s). A handler running longer
-///   may see its job claimed again by another relay.
+/// - `lease(d)`: how long a claimed batch is reserved (default 30 s). The rows of a batch share
+///   one lease, taken at the claim: if running the whole batch takes longer, another relay may
+///   claim its remaining rows and run them too (at least once). Size `batch_size` so a batch
+///   finishes well within the lease.
 /// - `poll_interval(d)`: the longest an idle relay waits before looking again (default 1 s);
 ///   commits in this process wake it at once.
 /// - `backoff(b)`: retry delays ([`Backoff`]).
@@ -868,11 +870,21 @@ where
         let dead = job.attempt >= job.max_attempts;
         let delay = self.backoff.jittered(job.attempt, rng.next_f64());
         let delay_ms = delay.as_millis().min(i64::MAX as u128) as i64;
-        if let Err(e) = conn.outbox_fail(job.id.0, error, delay_ms, dead) {
-            log::error!(target: "diesel_transaction_signals",
-                "outbox relay {}: recording the failure of job {} failed ({e}); it runs again \
-                 when its lease expires", self.name, job.id);
-            return;
+        match conn.outbox_fail(&self.name, job.id.0, error, delay_ms, dead) {
+            Ok(true) => {}
+            Ok(false) => {
+                log::warn!(target: "diesel_transaction_signals",
+                    "outbox relay {}: job {} ({}) failed attempt {} after its lease expired and \
+                     another relay took it; that relay's attempt decides: {error}",
+                    self.name, job.id, job.queue, job.attempt);
+                return;
+            }
+            Err(e) => {
+                log::error!(target: "diesel_transaction_signals",
+                    "outbox relay {}: recording the failure of job {} failed ({e}); it runs again \
+                     when its lease expires", self.name, job.id);
+                return;
+            }
         }
         if dead {
             self.shared.counters.dead.fetch_add(1, Ordering::Relaxed);
@@ -931,7 +943,9 @@ fn listen(url: String, shared: Arc<Shared>, interval: Duration) {
             if shared.stop.load(Ordering::SeqCst) {
                 return;
             }
-            let next = client.notifications().timeout_iter(interval).next();
+            // Bounded so that shutdown is noticed quickly whatever the poll interval.
+            let wait = interval.min(Duration::from_millis(200));
+            let next = client.notifications().timeout_iter(wait).next();
             match next {
                 Ok(Some(_)) => {
                     // Drain what else arrived, then ring once.
