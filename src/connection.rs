@@ -296,7 +296,7 @@ impl State {
     }
 
     /// Adds a hook to the innermost level, or settles it at once outside a transaction.
-    /// Call after `sync`.
+    /// Call after `drain_inbox`.
     fn register(&mut self, hook: Hook) {
         if self.stack.depth() == 0 {
             settle_all(
@@ -540,7 +540,9 @@ impl<C: Connection + 'static> SignalConnection<C> {
         F: FnOnce() + Send + 'static,
     {
         let hook = Hook::commit(f, Location::caller());
-        self.sync();
+        // Only deferred hooks need placing first (to keep registration order); a level that
+        // ended behind the wrapper's back is settled by the next transaction operation.
+        self.state.drain_inbox();
         self.state.register(hook);
     }
 
@@ -574,7 +576,9 @@ impl<C: Connection + 'static> SignalConnection<C> {
         F: FnOnce() + Send + 'static,
     {
         let hook = Hook::rollback(f, Location::caller());
-        self.sync();
+        // Only deferred hooks need placing first (to keep registration order); a level that
+        // ended behind the wrapper's back is settled by the next transaction operation.
+        self.state.drain_inbox();
         self.state.register(hook);
     }
 
@@ -603,7 +607,9 @@ impl<C: Connection + 'static> SignalConnection<C> {
         F: FnOnce(Outcome) + Send + 'static,
     {
         let hook = Hook::complete(f, Location::caller());
-        self.sync();
+        // Only deferred hooks need placing first (to keep registration order); a level that
+        // ended behind the wrapper's back is settled by the next transaction operation.
+        self.state.drain_inbox();
         self.state.register(hook);
     }
 
