@@ -496,6 +496,7 @@ where
     C: Connection<TransactionManager = diesel::connection::AnsiTransactionManager> + 'static,
 {
     /// `transaction` with a custom BEGIN statement (isolation level, `BEGIN IMMEDIATE`).
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     pub(crate) fn transaction_with_begin<T, E, F>(&mut self, begin_sql: &str, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut Self) -> Result<T, E>,

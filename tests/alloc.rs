@@ -23,7 +23,6 @@
 //! made while a wrapper transaction is being measured is printed with a backtrace.
 
 #![cfg(feature = "sqlite")]
-
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::backtrace::Backtrace;
 use std::cell::Cell;

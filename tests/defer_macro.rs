@@ -1,5 +1,6 @@
 //! The forms of `defer!`.
 
+#![cfg(feature = "sqlite")]
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -10,6 +10,7 @@
 //! Synchronisation with the server is by polling `pg_stat_activity` with a short backoff and an
 //! overall deadline, never by a fixed sleep.
 
+#![cfg(all(feature = "postgres", feature = "r2d2"))]
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

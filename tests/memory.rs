@@ -13,6 +13,7 @@
 //! ROLLBACK / COMMIT on an in-memory database, so the test measures the wrapper. Its own binary
 //! and its only test, so no other test allocates while it measures.
 
+#![cfg(feature = "sqlite")]
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;

@@ -22,6 +22,7 @@
 //! Programs panic with the payload [`ModelPanic`]; this binary's panic hook stays quiet for that
 //! payload only.
 
+#![cfg(all(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 mod common;
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};

@@ -1,5 +1,6 @@
 //! MySQL / MariaDB specifics: implicit commits before DDL, lost connections, deadlocks.
 
+#![cfg(feature = "mysql")]
 mod common;
 
 use common::{items, Recorder};

@@ -2,8 +2,13 @@
 //!
 //! Each test uses its own queue name, so relays of tests running in parallel on the shared
 //! PostgreSQL and MariaDB databases never take each other's jobs.
-#![cfg(feature = "outbox")]
 
+#![cfg(all(
+    feature = "outbox",
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "mysql"
+))]
 mod common;
 
 use std::collections::HashMap;

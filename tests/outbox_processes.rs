@@ -17,8 +17,8 @@
 //!   another process's COMMIT.
 //!
 //! Waiting is always polling (of the database or of a child's messages) against a deadline.
-#![cfg(all(feature = "outbox", feature = "postgres"))]
 
+#![cfg(all(feature = "outbox", feature = "postgres"))]
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

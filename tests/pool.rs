@@ -1,5 +1,6 @@
 //! r2d2 pools: a pooled connection never carries hooks into its next use.
 
+#![cfg(all(feature = "postgres", feature = "r2d2"))]
 mod common;
 
 use common::Recorder;

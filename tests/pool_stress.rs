@@ -3,6 +3,7 @@
 //! set of rows, every hook must run exactly once, and no rollback hook may run for a committed
 //! row. (Its own test binary: it installs a quiet panic hook for the thousands of panics.)
 
+#![cfg(all(feature = "postgres", feature = "r2d2"))]
 mod common;
 
 use std::collections::HashMap;

@@ -1,6 +1,7 @@
 //! PostgreSQL-only behaviour: serialization failures at COMMIT, lost connections, transactions
 //! with an isolation level.
 
+#![cfg(all(feature = "postgres", feature = "r2d2"))]
 mod common;
 
 use common::{items, Recorder};

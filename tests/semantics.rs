@@ -2,6 +2,11 @@
 //!
 //! Numbers in test names refer to the list in the core issue (README "When hooks run").
 
+#![cfg_attr(
+    not(any(feature = "sqlite", feature = "postgres", feature = "mysql")),
+    allow(unused)
+)]
+
 mod common;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -645,6 +650,7 @@ macro_rules! semantic_suite {
     };
 }
 
+#[cfg(feature = "sqlite")]
 fn violate_sqlite_fk(
     conn: &mut diesel_transaction_signals::SignalConnection<diesel::SqliteConnection>,
     _tag: &str,
@@ -656,6 +662,7 @@ fn violate_sqlite_fk(
         .expect("a deferred foreign key is only checked at COMMIT");
 }
 
+#[cfg(feature = "postgres")]
 fn violate_pg_deferred_unique(
     conn: &mut diesel_transaction_signals::SignalConnection<diesel::PgConnection>,
     tag: &str,
@@ -672,6 +679,7 @@ fn violate_pg_deferred_unique(
     }
 }
 
+#[cfg(feature = "sqlite")]
 semantic_suite!(
     sqlite,
     diesel::SqliteConnection,
@@ -680,6 +688,7 @@ semantic_suite!(
     commit_fails_with: crate::violate_sqlite_fk => DatabaseErrorKind::ForeignKeyViolation,
 );
 
+#[cfg(feature = "postgres")]
 semantic_suite!(
     postgres,
     diesel::PgConnection,
@@ -690,6 +699,7 @@ semantic_suite!(
 
 // MySQL has no deferred constraints: nothing makes its COMMIT fail but a lost connection
 // (tests/mysql.rs). A failed statement does not abort the transaction.
+#[cfg(feature = "mysql")]
 semantic_suite!(
     mysql,
     diesel::MysqlConnection,

@@ -3,6 +3,7 @@
 //! Signals are process-wide and tests run in parallel, so every receiver here only records
 //! events of the connection alias its test chose.
 
+#![cfg(all(feature = "sqlite", feature = "postgres"))]
 mod common;
 
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,7 @@
 //! SQLite-only behaviour: `BEGIN IMMEDIATE` / `BEGIN EXCLUSIVE` through the hooks, and a
 //! deferred foreign key that fails at COMMIT seen from a second connection.
 
+#![cfg(feature = "sqlite")]
 mod common;
 
 use common::{items, Recorder, SqliteFile};

@@ -1,7 +1,7 @@
 //! Shared test support: real databases (SQLite in memory or in a temp file, the PostgreSQL
 //! server `scripts/test` starts), the test schema, and a logger that captures what the crate
 //! logs.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -10,8 +10,11 @@ use diesel::prelude::*;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use diesel_transaction_signals::SignalConnection;
 
+#[cfg(feature = "sqlite")]
 pub const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+#[cfg(feature = "postgres")]
 pub const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+#[cfg(feature = "mysql")]
 pub const MYSQL_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/mysql");
 
 diesel::table! {
@@ -53,6 +56,7 @@ pub fn unique_tag(name: &str) -> String {
     )
 }
 
+#[cfg(feature = "postgres")]
 /// The PostgreSQL server's URL. A missing server fails the test: a suite that silently skips a
 /// backend is a failing suite.
 pub fn pg_url() -> String {
@@ -62,6 +66,7 @@ pub fn pg_url() -> String {
     )
 }
 
+#[cfg(feature = "sqlite")]
 /// A migrated in-memory SQLite database with foreign keys enforced.
 pub fn sqlite() -> SignalConnection<SqliteConnection> {
     let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
@@ -69,6 +74,7 @@ pub fn sqlite() -> SignalConnection<SqliteConnection> {
     conn
 }
 
+#[cfg(feature = "sqlite")]
 pub fn prepare_sqlite(conn: &mut SignalConnection<SqliteConnection>) {
     diesel::sql_query("PRAGMA foreign_keys = ON")
         .execute(conn)
@@ -76,12 +82,14 @@ pub fn prepare_sqlite(conn: &mut SignalConnection<SqliteConnection>) {
     conn.run_pending_migrations(SQLITE_MIGRATIONS).unwrap();
 }
 
+#[cfg(feature = "sqlite")]
 /// A migrated SQLite database in a temp file, for tests that need two connections.
 pub struct SqliteFile {
     pub dir: tempfile::TempDir,
     pub url: String,
 }
 
+#[cfg(feature = "sqlite")]
 impl SqliteFile {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -107,6 +115,7 @@ impl SqliteFile {
     }
 }
 
+#[cfg(feature = "postgres")]
 /// A connection to the test PostgreSQL database, migrated once per process.
 pub fn pg() -> SignalConnection<PgConnection> {
     static MIGRATED: OnceLock<()> = OnceLock::new();
@@ -127,6 +136,7 @@ pub fn pg() -> SignalConnection<PgConnection> {
     conn
 }
 
+#[cfg(feature = "mysql")]
 /// The MariaDB/MySQL server's URL; missing fails the test, as for PostgreSQL.
 pub fn mysql_url() -> String {
     std::env::var("DTS_MYSQL_URL").expect(
@@ -135,6 +145,7 @@ pub fn mysql_url() -> String {
     )
 }
 
+#[cfg(feature = "mysql")]
 /// A connection to the test MariaDB database, migrated once per process.
 pub fn mysql() -> SignalConnection<MysqlConnection> {
     static MIGRATED: OnceLock<()> = OnceLock::new();
@@ -155,12 +166,14 @@ pub fn mysql() -> SignalConnection<MysqlConnection> {
     conn
 }
 
+#[cfg(feature = "mysql")]
 /// A plain (unwrapped) MariaDB connection, for observing from outside.
 pub fn mysql_plain() -> MysqlConnection {
     let _ = mysql();
     MysqlConnection::establish(&mysql_url()).unwrap()
 }
 
+#[cfg(feature = "postgres")]
 /// A plain (unwrapped) PostgreSQL connection, for observing from outside.
 pub fn pg_plain() -> PgConnection {
     let _ = pg();
