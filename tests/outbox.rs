@@ -125,6 +125,49 @@ macro_rules! outbox_suite {
             }
 
             #[test]
+            fn enqueue_all_writes_every_job_in_the_transaction_and_skips_known_keys() {
+                let db = db();
+                let q = queue("all");
+                let mut conn = db.pool.get().unwrap();
+                let jobs = |range: std::ops::Range<i32>| {
+                    range
+                        .map(|n| {
+                            let job = DurableJob::new(&q, &n).unwrap();
+                            if n < 2 {
+                                job.idempotency_key(format!("k{n}"))
+                            } else {
+                                job
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                };
+                let rolled_back: Result<(), OutboxError> = conn.transaction(|c| {
+                    assert_eq!(c.enqueue_all(jobs(0..5))?, 5);
+                    Err(OutboxError::NoTransaction) // any error: roll back
+                });
+                assert!(rolled_back.is_err());
+                assert!(rows(&db, &q).is_empty(), "rolled back with the transaction");
+                assert_eq!(conn.transaction(|c| c.enqueue_all(jobs(0..5))).unwrap(), 5);
+                assert_eq!(
+                    conn.enqueue_all(jobs(0..3)).unwrap(),
+                    1,
+                    "k0 and k1 are known"
+                );
+                assert_eq!(conn.enqueue_all(Vec::new()).unwrap(), 0);
+                let (tx, rx) = mpsc::channel();
+                let relay = Relay::builder(db.pool.clone())
+                    .handler(&q, move |job| Ok(tx.send(job.payload::<i32>()?)?))
+                    .spawn()
+                    .unwrap();
+                let mut got: Vec<i32> =
+                    (0..6).map(|_| rx.recv_timeout(PATIENCE).unwrap()).collect();
+                got.sort();
+                assert_eq!(got, vec![0, 1, 2, 2, 3, 4]);
+                assert_eq!(relay.shutdown().delivered, 6);
+                assert!(rows(&db, &q).is_empty());
+            }
+
+            #[test]
             fn an_idempotency_key_makes_the_second_enqueue_a_no_op() {
                 let db = db();
                 let q = queue("idem");

@@ -73,6 +73,16 @@ mod sealed {
 pub trait OutboxConnection: Connection + sealed::Sealed + Send + 'static {
     #[doc(hidden)]
     fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>>;
+    /// Writes many rows; returns how many were written (idempotency keys already present
+    /// are no-ops). One INSERT per row unless the backend does better.
+    #[doc(hidden)]
+    fn outbox_insert_many(&mut self, rows: &[NewRow]) -> QueryResult<usize> {
+        let mut written = 0;
+        for row in rows {
+            written += usize::from(self.outbox_insert(row)?.is_some());
+        }
+        Ok(written)
+    }
     #[doc(hidden)]
     fn outbox_claim(
         &mut self,
@@ -100,7 +110,8 @@ pub trait OutboxConnection: Connection + sealed::Sealed + Send + 'static {
     fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>>;
 }
 
-/// Deletes delivered rows (the same SQL on every backend).
+/// Deletes delivered rows (SQLite and MySQL; PostgreSQL binds an array instead).
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
 fn delete_ids<Conn>(conn: &mut Conn, ids: &[i64]) -> QueryResult<()>
 where
     Conn: Connection,
@@ -133,6 +144,9 @@ impl<C: OutboxConnection> sealed::Sealed for SignalConnection<C> {}
 impl<C: OutboxConnection> OutboxConnection for SignalConnection<C> {
     fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
         self.inner.outbox_insert(row)
+    }
+    fn outbox_insert_many(&mut self, rows: &[NewRow]) -> QueryResult<usize> {
+        self.inner.outbox_insert_many(rows)
     }
     fn outbox_claim(
         &mut self,
@@ -213,30 +227,128 @@ fn counts(rows: Vec<QueueCount>) -> Vec<(String, i64)> {
 #[cfg(feature = "postgres")]
 mod pg {
     use super::*;
+    use diesel::pg::Pg;
+    use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+    use diesel::sql_types::{Array, Untyped};
     use diesel::PgConnection;
 
-    const NOW_MS: &str = "(extract(epoch FROM now()) * 1000)::BIGINT";
+    /// `now()` in ms since the epoch, as SQL text (a macro, to build `&'static str`s).
+    macro_rules! now_ms {
+        () => {
+            "(extract(epoch FROM now()) * 1000)::BIGINT"
+        };
+    }
+
+    /// The hot statements as query nodes whose SQL text never varies: unlike `sql_query`
+    /// (which Diesel never caches), Diesel keeps them as named prepared statements per
+    /// connection, so PostgreSQL parses them once per connection instead of at every call.
+    /// `$name { fields } => [sql, bind, sql, bind, ..., sql]` in SQL order.
+    macro_rules! cached_statement {
+        ($name:ident { $($field:ident: $fty:ty),* $(,)? }
+         => [$first:expr $(, ($bty:ty, $bind:ident), $sql:expr)* $(,)?]) => {
+            struct $name<'a> {
+                $($field: $fty,)*
+            }
+            impl QueryId for $name<'_> {
+                type QueryId = $name<'static>;
+                const HAS_STATIC_QUERY_ID: bool = true;
+            }
+            impl QueryFragment<Pg> for $name<'_> {
+                fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+                    out.push_sql($first);
+                    $(
+                        out.push_bind_param::<$bty, _>(&self.$bind)?;
+                        out.push_sql($sql);
+                    )*
+                    Ok(())
+                }
+            }
+            impl Query for $name<'_> {
+                type SqlType = Untyped;
+            }
+            impl RunQueryDsl<PgConnection> for $name<'_> {}
+        };
+    }
+
+    cached_statement!(Insert { queue: &'a str, payload: &'a str, key: Option<&'a str>,
+                               max_attempts: i32, delay_ms: i64 } => [
+        "INSERT INTO dts_outbox (queue, payload, idempotency_key, max_attempts, run_at) VALUES (",
+        (Text, queue), ", ", (Text, payload), ", ", (Nullable<Text>, key), ", ",
+        (Integer, max_attempts), concat!(", ", now_ms!(), " + "), (BigInt, delay_ms),
+        ") ON CONFLICT (queue, idempotency_key) DO NOTHING RETURNING id",
+    ]);
+
+    cached_statement!(InsertMany { queues: Vec<&'a str>, payloads: Vec<&'a str>,
+                                   keys: Vec<Option<&'a str>>, max_attempts: Vec<i32>,
+                                   delays_ms: Vec<i64> } => [
+        concat!(
+            "INSERT INTO dts_outbox (queue, payload, idempotency_key, max_attempts, run_at) ",
+            "SELECT q, p, k, m, ", now_ms!(), " + d FROM unnest("
+        ),
+        (Array<Text>, queues), ", ", (Array<Text>, payloads), ", ",
+        (Array<Nullable<Text>>, keys), ", ", (Array<Integer>, max_attempts), ", ",
+        (Array<BigInt>, delays_ms),
+        ") WITH ORDINALITY AS t (q, p, k, m, d, n) ORDER BY n \
+         ON CONFLICT (queue, idempotency_key) DO NOTHING",
+    ]);
+
+    // `id = ANY(ARRAY(subquery))`: the outer UPDATE finds the claimed rows by primary key
+    // instead of hashing a sequential scan of the whole table against them.
+    cached_statement!(Claim { lease_ms: i64, relay: &'a str, queues_json: &'a str,
+                              limit: i64 } => [
+        concat!("UPDATE dts_outbox SET locked_until = ", now_ms!(), " + "),
+        (BigInt, lease_ms), ", locked_by = ", (Text, relay),
+        concat!(
+            ", attempts = attempts + 1 WHERE id = ANY(ARRAY(SELECT id FROM dts_outbox ",
+            "WHERE state = 0 AND run_at <= ", now_ms!(),
+            " AND (locked_until IS NULL OR locked_until < ", now_ms!(), ") ",
+            "AND queue = ANY(ARRAY(SELECT jsonb_array_elements_text("
+        ),
+        (Text, queues_json), "::jsonb))) ORDER BY run_at, id LIMIT ", (BigInt, limit),
+        " FOR UPDATE SKIP LOCKED)) \
+         RETURNING id, queue, payload, attempts, max_attempts, idempotency_key, run_at",
+    ]);
+
+    cached_statement!(Complete { ids: &'a [i64] } => [
+        "DELETE FROM dts_outbox WHERE id = ANY(", (Array<BigInt>, ids), ")",
+    ]);
+
+    const NOW_MS: &str = now_ms!();
 
     impl sealed::Sealed for PgConnection {}
 
     impl OutboxConnection for PgConnection {
         fn outbox_complete(&mut self, ids: &[i64]) -> QueryResult<()> {
-            delete_ids(self, ids)
+            if ids.is_empty() {
+                return Ok(());
+            }
+            Complete { ids }.execute(self).map(drop)
         }
 
         fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
-            let ids: Vec<Id> = diesel::sql_query(format!(
-                "INSERT INTO dts_outbox (queue, payload, idempotency_key, max_attempts, run_at) \
-                 VALUES ($1, $2, $3, $4, {NOW_MS} + $5) \
-                 ON CONFLICT (queue, idempotency_key) DO NOTHING RETURNING id"
-            ))
-            .bind::<Text, _>(&row.queue)
-            .bind::<Text, _>(&row.payload)
-            .bind::<Nullable<Text>, _>(&row.idempotency_key)
-            .bind::<Integer, _>(row.max_attempts)
-            .bind::<BigInt, _>(row.delay_ms)
+            let ids: Vec<Id> = Insert {
+                queue: &row.queue,
+                payload: &row.payload,
+                key: row.idempotency_key.as_deref(),
+                max_attempts: row.max_attempts,
+                delay_ms: row.delay_ms,
+            }
             .load(self)?;
             Ok(ids.first().map(|r| r.id))
+        }
+
+        fn outbox_insert_many(&mut self, rows: &[NewRow]) -> QueryResult<usize> {
+            if rows.is_empty() {
+                return Ok(0);
+            }
+            InsertMany {
+                queues: rows.iter().map(|r| r.queue.as_str()).collect(),
+                payloads: rows.iter().map(|r| r.payload.as_str()).collect(),
+                keys: rows.iter().map(|r| r.idempotency_key.as_deref()).collect(),
+                max_attempts: rows.iter().map(|r| r.max_attempts).collect(),
+                delays_ms: rows.iter().map(|r| r.delay_ms).collect(),
+            }
+            .execute(self)
         }
 
         fn outbox_claim(
@@ -246,20 +358,12 @@ mod pg {
             limit: i64,
             lease_ms: i64,
         ) -> QueryResult<Vec<ClaimedRow>> {
-            diesel::sql_query(format!(
-                "UPDATE dts_outbox SET locked_until = {NOW_MS} + $3, locked_by = $1, \
-                 attempts = attempts + 1 \
-                 WHERE id IN (SELECT id FROM dts_outbox \
-                   WHERE state = 0 AND run_at <= {NOW_MS} \
-                   AND (locked_until IS NULL OR locked_until < {NOW_MS}) \
-                   AND queue IN (SELECT jsonb_array_elements_text($2::jsonb)) \
-                   ORDER BY run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
-                 RETURNING id, queue, payload, attempts, max_attempts, idempotency_key, run_at"
-            ))
-            .bind::<Text, _>(relay)
-            .bind::<Text, _>(queues_json)
-            .bind::<BigInt, _>(lease_ms)
-            .bind::<BigInt, _>(limit)
+            Claim {
+                lease_ms,
+                relay,
+                queues_json,
+                limit,
+            }
             .load(self)
         }
 

@@ -332,12 +332,49 @@ impl<C: OutboxConnection> SignalConnection<C> {
     /// ```
     pub fn enqueue(&mut self, job: DurableJob) -> Result<Option<JobId>, OutboxError> {
         let id = self.inner.outbox_insert(&job.row)?;
+        self.wake_after_commit();
+        Ok(id.map(JobId))
+    }
+
+    /// Enqueues many [`DurableJob`]s at once and returns how many rows were written (a job
+    /// whose idempotency key is already present is a no-op). On PostgreSQL this is one
+    /// statement for all of them; on SQLite and MySQL one INSERT per job, so call it inside a
+    /// transaction there to make it all or nothing.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::prelude::*;
+    /// use diesel_migrations::MigrationHarness;
+    /// use diesel_transaction_signals::outbox::{self, DurableJob};
+    /// use diesel_transaction_signals::SignalConnection;
+    ///
+    /// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+    /// conn.run_pending_migrations(outbox::migrations::SQLITE).unwrap();
+    /// let jobs = (0..3).map(|n| DurableJob::new("emails", &n)).collect::<Result<Vec<_>, _>>()?;
+    /// let written = conn.transaction(|conn| conn.enqueue_all(jobs))?;
+    /// assert_eq!(written, 3);
+    /// # }
+    /// # Ok::<(), diesel_transaction_signals::outbox::OutboxError>(())
+    /// ```
+    pub fn enqueue_all<I>(&mut self, jobs: I) -> Result<usize, OutboxError>
+    where
+        I: IntoIterator<Item = DurableJob>,
+    {
+        let rows: Vec<NewRow> = jobs.into_iter().map(|job| job.row).collect();
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let written = self.inner.outbox_insert_many(&rows)?;
+        self.wake_after_commit();
+        Ok(written)
+    }
+
+    fn wake_after_commit(&mut self) {
         if self.transaction_depth() == 0 {
             wake();
         } else {
             self.on_commit(wake);
         }
-        Ok(id.map(JobId))
     }
 }
 

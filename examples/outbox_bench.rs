@@ -1,0 +1,722 @@
+//! The outbox side of the side-by-side benchmark against graphile-worker (see
+//! `scripts/outbox-bench`, which starts a throwaway PostgreSQL, runs both sides and prints the
+//! table). Every measurement mirrors the graphile-worker kit in `shared/anchors/graphile-worker`
+//! and prints one JSON line on stdout.
+//!
+//! ```text
+//! cargo run --release --example outbox_bench --features outbox-listen -- SUBCOMMAND [--opt value]...
+//!
+//! capabilities                           the enqueue modes this build supports
+//! setup    --url U                       create the outbox table (migrations)
+//! enqueue  --url U --mode M [--count 20000] [--batch 1000]
+//!          M = tx1        one job per user transaction: BEGIN, defer_durable, COMMIT
+//!              autocommit one defer_durable outside a transaction (its own committed write)
+//!              batch      --batch jobs per transaction, each written with defer_durable
+//!              batch-all  --batch jobs per transaction, written with one enqueue_all
+//! drain    --url U [--procs 1] [--count 20000] [--concurrency 2] [--batch-size 500]
+//!          queue COUNT no-op jobs, then time PROCS `worker --once` processes draining them;
+//!          `worker --once` on an empty queue is timed 3x first and its median subtracted
+//! worker   --url U --once [--concurrency 2] [--batch-size 500] [--name N]
+//!          a relay process; exits once no job is left that it could claim or has claimed
+//! latency  --url U [--rate 200] [--secs 10] [--concurrency 1] [--batch-size 100]
+//!          open-loop producer (this process, timer pacing), relay in a child process woken
+//!          by LISTEN/NOTIFY; commit acknowledged -> handler start
+//! ```
+//!
+//! Times compared across processes are read from `SystemTime` (CLOCK_REALTIME, one clock for
+//! every process of the machine); `Instant` is opaque and per process.
+
+#[cfg(feature = "outbox-listen")]
+mod bench {
+    use std::collections::HashMap;
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    use diesel::connection::SimpleConnection;
+    use diesel::prelude::*;
+    use diesel::r2d2::{ConnectionManager, Pool};
+    use diesel_migrations::MigrationHarness;
+    use diesel_transaction_signals::outbox::{self, Job, Relay};
+    use diesel_transaction_signals::SignalConnection;
+    use serde_json::{json, Value};
+
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Res<T> = Result<T, Error>;
+    type Conn = SignalConnection<PgConnection>;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Payload {
+        id: i64,
+    }
+
+    struct Args {
+        cmd: String,
+        opts: HashMap<String, String>,
+    }
+
+    impl Args {
+        fn parse() -> Res<Self> {
+            let mut it = std::env::args().skip(1);
+            let cmd = it
+                .next()
+                .ok_or("usage: outbox_bench SUBCOMMAND [--opt value]...")?;
+            let mut opts = HashMap::new();
+            let rest: Vec<String> = it.collect();
+            let mut i = 0;
+            while i < rest.len() {
+                let k = rest[i]
+                    .strip_prefix("--")
+                    .ok_or_else(|| format!("unexpected argument {:?}", rest[i]))?
+                    .to_owned();
+                if k == "once" {
+                    opts.insert(k, "1".into());
+                    i += 1;
+                    continue;
+                }
+                let v = rest
+                    .get(i + 1)
+                    .ok_or_else(|| format!("--{k} needs a value"))?;
+                opts.insert(k, v.clone());
+                i += 2;
+            }
+            Ok(Args { cmd, opts })
+        }
+
+        fn url(&self) -> Res<String> {
+            self.opts
+                .get("url")
+                .cloned()
+                .or_else(|| std::env::var("DATABASE_URL").ok())
+                .ok_or_else(|| "--url (or DATABASE_URL) is needed".into())
+        }
+
+        fn str(&self, k: &str, default: &str) -> String {
+            self.opts.get(k).cloned().unwrap_or_else(|| default.into())
+        }
+
+        fn num(&self, k: &str, default: u64) -> Res<u64> {
+            match self.opts.get(k) {
+                None => Ok(default),
+                Some(v) => v.parse().map_err(|e| format!("--{k} {v}: {e}").into()),
+            }
+        }
+    }
+
+    /// Nanoseconds since the Unix epoch (CLOCK_REALTIME: comparable across processes).
+    fn now_ns() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    }
+
+    fn round(v: f64, places: i32) -> f64 {
+        let f = 10f64.powi(places);
+        (v * f).round() / f
+    }
+
+    fn loadavg1() -> f64 {
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+            .unwrap_or(-1.0)
+    }
+
+    /// CPU accounting as the kit's `bench/cpu.js`: machine busy jiffies, and jiffies of the
+    /// `postgres` processes and of ours (utime + stime + reaped children).
+    #[derive(Clone, Copy)]
+    struct CpuSnap {
+        total: u64,
+        busy: u64,
+        pg: u64,
+        ours: u64,
+    }
+
+    fn cpu_snap() -> CpuSnap {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let c: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let total: u64 = c.iter().sum();
+        let idle = c.get(3).copied().unwrap_or(0) + c.get(4).copied().unwrap_or(0);
+        let (mut pg, mut ours) = (0, 0);
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for e in dir.flatten() {
+                let name = e.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if !name.bytes().all(|b| b.is_ascii_digit()) {
+                    continue;
+                }
+                let Ok(s) = std::fs::read_to_string(format!("/proc/{name}/stat")) else {
+                    continue;
+                };
+                let (Some(a), Some(b)) = (s.find('('), s.rfind(')')) else {
+                    continue;
+                };
+                let comm = &s[a + 1..b];
+                let f: Vec<&str> = s[b + 2..].split(' ').collect();
+                let j: u64 = (11..15)
+                    .filter_map(|i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+                    .sum();
+                if comm == "postgres" {
+                    pg += j;
+                } else if comm.starts_with("outbox_bench") {
+                    ours += j;
+                }
+            }
+        }
+        CpuSnap {
+            total,
+            busy: total - idle,
+            pg,
+            ours,
+        }
+    }
+
+    fn cpu_diff(a: CpuSnap, b: CpuSnap) -> Value {
+        let t = (b.total - a.total).max(1) as f64;
+        let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let pct = |x: u64| (100.0 * x as f64 / t * ncpu).round() as i64;
+        json!({
+            "machine_busy_pct_of_1core": pct(b.busy - a.busy),
+            "postgres_pct_of_1core": pct(b.pg - a.pg),
+            "ours_pct_of_1core": pct(b.ours - a.ours),
+        })
+    }
+
+    fn merge(mut a: Value, b: Value) -> Value {
+        if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+            a.extend(b);
+        }
+        a
+    }
+
+    fn connect(url: &str) -> Res<Conn> {
+        Ok(Conn::establish(url)?)
+    }
+
+    fn setup(url: &str) -> Res<()> {
+        let mut conn = connect(url)?;
+        conn.run_pending_migrations(outbox::migrations::POSTGRES)?;
+        Ok(())
+    }
+
+    /// Empties the outbox, as the kit's `bench/reset.js` does for graphile-worker's tables.
+    fn reset(url: &str) -> Res<()> {
+        let mut conn = connect(url)?;
+        conn.run_pending_migrations(outbox::migrations::POSTGRES)?;
+        conn.batch_execute("TRUNCATE dts_outbox")?;
+        conn.batch_execute("VACUUM ANALYZE dts_outbox")?;
+        Ok(())
+    }
+
+    /// A relay's pool: no `SELECT 1` on every checkout (r2d2's default `test_on_check_out`);
+    /// a broken connection is still detected and replaced by the pool.
+    fn relay_pool(url: &str, size: u32) -> Res<Pool<ConnectionManager<PgConnection>>> {
+        Ok(Pool::builder()
+            .max_size(size)
+            .test_on_check_out(false)
+            .build(ConnectionManager::<PgConnection>::new(url))?)
+    }
+
+    // ---- enqueue ---------------------------------------------------------------------------
+
+    fn enqueue(a: &Args) -> Res<()> {
+        let url = a.url()?;
+        let mode = a.str("mode", "tx1");
+        let count = a.num("count", 20_000)? as i64;
+        let batch = a.num("batch", 1000)?.max(1) as i64;
+        reset(&url)?;
+        let mut conn = connect(&url)?;
+        conn.batch_execute("SELECT 1")?;
+        let c0 = cpu_snap();
+        let t0 = Instant::now();
+        match mode.as_str() {
+            "tx1" => {
+                for i in 0..count {
+                    conn.transaction::<_, Error, _>(|c| {
+                        c.defer_durable("noop", &Payload { id: i })?;
+                        Ok(())
+                    })?;
+                }
+            }
+            "autocommit" => {
+                for i in 0..count {
+                    conn.defer_durable("noop", &Payload { id: i })?;
+                }
+            }
+            "batch" => {
+                let mut i = 0;
+                while i < count {
+                    let end = (i + batch).min(count);
+                    conn.transaction::<_, Error, _>(|c| {
+                        for id in i..end {
+                            c.defer_durable("noop", &Payload { id })?;
+                        }
+                        Ok(())
+                    })?;
+                    i = end;
+                }
+            }
+            "batch-all" => {
+                let mut i = 0;
+                while i < count {
+                    let end = (i + batch).min(count);
+                    conn.transaction::<_, Error, _>(|c| {
+                        let jobs = (i..end)
+                            .map(|id| outbox::DurableJob::new("noop", &Payload { id }))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        c.enqueue_all(jobs)?;
+                        Ok(())
+                    })?;
+                    i = end;
+                }
+            }
+            other => return Err(format!("unknown --mode {other}").into()),
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let cpu = cpu_diff(c0, cpu_snap());
+        let n: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            "(SELECT count(*) FROM dts_outbox)",
+        ))
+        .get_result(&mut conn)?;
+        if n != count {
+            return Err(format!("expected {count} rows, found {n}").into());
+        }
+        let out = json!({
+            "test": "enqueue", "mode": mode, "count": count,
+            "batch": if mode.starts_with("batch") { batch } else { 1 },
+            "ms": round(ms, 1), "jobs_per_s": (count as f64 * 1e3 / ms).round() as i64,
+            "loadavg1": loadavg1(),
+        });
+        println!("{}", merge(out, cpu));
+        Ok(())
+    }
+
+    // ---- drain -----------------------------------------------------------------------------
+
+    struct RelayOpts {
+        concurrency: u64,
+        batch_size: u64,
+        pool: u64,
+    }
+
+    fn relay_opts(a: &Args, concurrency: u64, batch_size: u64) -> Res<RelayOpts> {
+        let concurrency = a.num("concurrency", concurrency)?.max(1);
+        Ok(RelayOpts {
+            concurrency,
+            batch_size: a.num("batch-size", batch_size)?.max(1),
+            pool: a.num("pool", concurrency + 1)?.max(1),
+        })
+    }
+
+    fn relay_args(o: &RelayOpts) -> Vec<String> {
+        vec![
+            "--concurrency".into(),
+            o.concurrency.to_string(),
+            "--batch-size".into(),
+            o.batch_size.to_string(),
+            "--pool".into(),
+            o.pool.to_string(),
+        ]
+    }
+
+    /// `worker --once`: a relay with a no-op handler that exits once nothing is left that it
+    /// could claim or still holds; prints `NOOP_STATS {n, first, last}` (handler start times).
+    fn worker(a: &Args) -> Res<()> {
+        let url = a.url()?;
+        let o = relay_opts(a, 2, 500)?;
+        let name = a.str("name", &format!("bench-{}", std::process::id()));
+        let pool = relay_pool(&url, o.pool as u32)?;
+        let n = Arc::new(AtomicU64::new(0));
+        let first = Arc::new(AtomicU64::new(u64::MAX));
+        let last = Arc::new(AtomicU64::new(0));
+        let (hn, hf, hl) = (n.clone(), first.clone(), last.clone());
+        let relay = Relay::builder(pool.clone())
+            .name(name.clone())
+            .handler("noop", move |_job: &Job| {
+                let t = now_ns();
+                hf.fetch_min(t, Ordering::Relaxed);
+                hl.fetch_max(t, Ordering::Relaxed);
+                hn.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            })
+            .concurrency(o.concurrency as usize)
+            .batch_size(o.batch_size as usize)
+            .spawn()?;
+        // `--once`: done when no row is claimable and none is held by this relay (its rows are
+        // deleted only after their batch completed). Checked only after the delivered count
+        // stood still for 2 ms, so it costs a few queries per run.
+        let mut conn = pool.get()?;
+        let mut seen = u64::MAX;
+        let mut still = 0;
+        loop {
+            std::thread::sleep(Duration::from_millis(1));
+            let s = relay.stats();
+            let d = s.delivered + s.retried + s.dead;
+            if d != seen {
+                seen = d;
+                still = 0;
+                continue;
+            }
+            still += 1;
+            if still < 2 {
+                continue;
+            }
+            still = 0;
+            let left: Vec<Exists> = diesel::sql_query(
+                "SELECT EXISTS (SELECT 1 FROM dts_outbox WHERE state = 0 AND (locked_until IS NULL \
+                 OR locked_until < (extract(epoch FROM now()) * 1000)::BIGINT OR locked_by = $1)) \
+                 AS e",
+            )
+            .bind::<diesel::sql_types::Text, _>(&name)
+            .load(&mut conn)?;
+            if !left.first().is_some_and(|r| r.e) {
+                break;
+            }
+        }
+        drop(conn);
+        let stats = relay.shutdown();
+        let n = n.load(Ordering::Relaxed);
+        eprintln!(
+            "NOOP_STATS {}",
+            json!({"n": n, "first": if n > 0 { first.load(Ordering::Relaxed) } else { 0 },
+                   "last": last.load(Ordering::Relaxed), "delivered": stats.delivered,
+                   "released": stats.released})
+        );
+        Ok(())
+    }
+
+    #[derive(QueryableByName)]
+    struct Exists {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        e: bool,
+    }
+
+    fn run_worker(url: &str, o: &RelayOpts) -> Res<Child> {
+        let exe = std::env::current_exe()?;
+        Ok(Command::new(exe)
+            .arg("worker")
+            .arg("--once")
+            .args(["--url", url])
+            .args(relay_args(o))
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::piped())
+            .spawn()?)
+    }
+
+    fn wait_worker(child: Child) -> Res<Value> {
+        let out = child.wait_with_output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            return Err(format!("worker failed ({}): {err}", out.status).into());
+        }
+        match err.lines().find_map(|l| l.strip_prefix("NOOP_STATS ")) {
+            Some(s) => Ok(serde_json::from_str(s)?),
+            None => Ok(json!({"n": 0})),
+        }
+    }
+
+    fn drain(a: &Args) -> Res<()> {
+        let url = a.url()?;
+        let procs = a.num("procs", 1)?.max(1);
+        let count = a.num("count", 20_000)? as i64;
+        let o = relay_opts(a, 2, 500)?;
+        reset(&url)?;
+        // startup + shutdown of a `worker --once` on an empty queue, median of 3
+        let mut st = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            wait_worker(run_worker(&url, &o)?)?;
+            st.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        st.sort_by(f64::total_cmp);
+        let startup = st[1];
+        {
+            let mut conn = connect(&url)?;
+            conn.transaction::<_, Error, _>(|c| {
+                for id in 0..count {
+                    c.defer_durable("noop", &Payload { id })?;
+                }
+                Ok(())
+            })?;
+            conn.batch_execute("VACUUM ANALYZE dts_outbox")?;
+        }
+        let la = loadavg1();
+        let c0 = cpu_snap();
+        let t0 = Instant::now();
+        let children = (0..procs)
+            .map(|_| run_worker(&url, &o))
+            .collect::<Res<Vec<_>>>()?;
+        let stats = children
+            .into_iter()
+            .map(wait_worker)
+            .collect::<Res<Vec<_>>>()?;
+        let wall = t0.elapsed().as_secs_f64() * 1e3;
+        let cpu = cpu_diff(c0, cpu_snap());
+        let left: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            "(SELECT count(*) FROM dts_outbox)",
+        ))
+        .get_result(&mut connect(&url)?)?;
+        let get = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let n: u64 = stats.iter().map(|s| get(s, "n")).sum();
+        let busy: Vec<&Value> = stats.iter().filter(|s| get(s, "n") > 0).collect();
+        let first = busy.iter().map(|s| get(s, "first")).min().unwrap_or(0);
+        let last = busy.iter().map(|s| get(s, "last")).max().unwrap_or(0);
+        let span = (last.saturating_sub(first)) as f64 / 1e6;
+        let out = json!({
+            "test": "exec", "procs": procs, "count": count, "executed": n,
+            "per_proc": stats.iter().map(|s| get(s, "n")).collect::<Vec<_>>(),
+            "jobs_left": left, "concurrency": o.concurrency, "batch_size": o.batch_size,
+            "pool": o.pool, "startup_ms": startup.round() as i64,
+            "startup_runs_ms": st.iter().map(|v| v.round() as i64).collect::<Vec<_>>(),
+            "wall_ms": wall.round() as i64,
+            "jps_wall_minus_startup": (count as f64 * 1e3 / (wall - startup)).round() as i64,
+            "jps_wall": (count as f64 * 1e3 / wall).round() as i64,
+            "span_ms": span.round() as i64,
+            "jps_first_to_last_task": if span > 0.0 {
+                ((n.saturating_sub(1)) as f64 * 1e3 / span).round() as i64
+            } else {
+                0
+            },
+            "loadavg1_before": la,
+        });
+        println!("{}", merge(out, cpu));
+        Ok(())
+    }
+
+    // ---- latency ---------------------------------------------------------------------------
+
+    /// The relay process of the latency test: stamps handler start (CLOCK_REALTIME ns) per
+    /// job id; talks to the parent over stdin/stdout (`ready`, `warm`, `done <json>`; `stop`).
+    fn latency_worker(a: &Args) -> Res<()> {
+        let url = a.url()?;
+        let o = relay_opts(a, 1, 100)?;
+        let n = a.num("n", 2000)? as usize;
+        let starts: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+        let warm = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(AtomicUsize::new(0));
+        let out = Arc::new(Mutex::new(std::io::stdout()));
+        let say = |out: &Mutex<std::io::Stdout>, line: &str| {
+            let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writeln!(o, "{line}");
+            let _ = o.flush();
+        };
+        let dump = |starts: &[AtomicU64]| -> String {
+            let v: Vec<Value> = starts
+                .iter()
+                .map(|s| match s.load(Ordering::SeqCst) {
+                    0 => Value::Null,
+                    t => json!(t),
+                })
+                .collect();
+            Value::Array(v).to_string()
+        };
+        let pool = relay_pool(&url, o.pool as u32)?;
+        let (hs, hw, hn, ho) = (starts.clone(), warm.clone(), seen.clone(), out.clone());
+        let relay = Relay::builder(pool)
+            .handler("lat", move |job: &Job| {
+                let t = now_ns();
+                let Payload { id } = job.payload()?;
+                if id < 0 {
+                    if hw.fetch_add(1, Ordering::SeqCst) + 1 == 100 {
+                        say(&ho, "warm");
+                    }
+                    return Ok(());
+                }
+                if let Some(slot) = hs.get(id as usize) {
+                    if slot.swap(t, Ordering::SeqCst) == 0
+                        && hn.fetch_add(1, Ordering::SeqCst) + 1 == hs.len()
+                    {
+                        say(&ho, &format!("done {}", dump(&hs)));
+                    }
+                }
+                Ok(())
+            })
+            .concurrency(o.concurrency as usize)
+            .batch_size(o.batch_size as usize)
+            .listen(url.clone())
+            .spawn()?;
+        // Let the listener's LISTEN take effect before the producer starts.
+        std::thread::sleep(Duration::from_millis(200));
+        say(&out, "ready");
+        let stdin = std::io::stdin();
+        for line in stdin.lock().lines() {
+            if line?.trim() == "stop" {
+                break;
+            }
+        }
+        if seen.load(Ordering::SeqCst) < n {
+            say(&out, &format!("done {}", dump(&starts)));
+        }
+        relay.shutdown();
+        Ok(())
+    }
+
+    fn pct(sorted: &[f64], p: f64) -> f64 {
+        let i = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+        sorted[i.clamp(1, sorted.len()) - 1]
+    }
+
+    fn summ(mut a: Vec<f64>) -> Value {
+        if a.is_empty() {
+            return Value::Null;
+        }
+        a.sort_by(f64::total_cmp);
+        let mean = a.iter().sum::<f64>() / a.len() as f64;
+        json!({"p50": round(pct(&a, 50.0), 2), "p90": round(pct(&a, 90.0), 2),
+               "p99": round(pct(&a, 99.0), 2), "max": round(a[a.len() - 1], 2),
+               "min": round(a[0], 2), "mean": round(mean, 2)})
+    }
+
+    fn latency(a: &Args) -> Res<()> {
+        let url = a.url()?;
+        let rate = a.num("rate", 200)?.max(1);
+        let secs = a.num("secs", 10)?.max(1);
+        let o = relay_opts(a, 1, 100)?;
+        let n = (rate * secs) as usize;
+        reset(&url)?;
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .arg("latency-worker")
+            .args(["--url", &url, "--n", &n.to_string()])
+            .args(relay_args(&o))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut to_child = child.stdin.take().ok_or("no stdin")?;
+        let from_child = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(from_child).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let expect = |rx: &mpsc::Receiver<String>, what: &str, within: Duration| -> Res<String> {
+            let deadline = Instant::now() + within;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let line = rx
+                    .recv_timeout(left)
+                    .map_err(|e| format!("waiting for {what} from the relay process: {e}"))?;
+                if line == what || line.starts_with(&format!("{what} ")) {
+                    return Ok(line);
+                }
+            }
+        };
+        expect(&rx, "ready", Duration::from_secs(30))?;
+        let mut conn = connect(&url)?;
+        conn.batch_execute("SELECT 1")?;
+        let add = |conn: &mut Conn, id: i64| -> Res<()> {
+            conn.transaction::<_, Error, _>(|c| {
+                c.defer_durable("lat", &Payload { id })?;
+                Ok(())
+            })
+        };
+        // warm-up as the kit (perfTest/latencyTest.js): 100 jobs, wait for them, settle 1 s
+        for i in 1..=100 {
+            add(&mut conn, -i)?;
+        }
+        expect(&rx, "warm", Duration::from_secs(30))?;
+        std::thread::sleep(Duration::from_secs(1));
+        let mut send = vec![0u64; n];
+        let mut ack = vec![0u64; n];
+        let c0 = cpu_snap();
+        let t0 = Instant::now();
+        let step = Duration::from_nanos(1_000_000_000 / rate);
+        for i in 0..n {
+            let due = t0 + step * i as u32;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now); // timer pacing, no busy-spin (2-core box)
+            }
+            send[i] = now_ns();
+            add(&mut conn, i as i64)?;
+            ack[i] = now_ns();
+        }
+        let elapsed = t0.elapsed().as_secs_f64();
+        let cpu = cpu_diff(c0, cpu_snap());
+        let done = match expect(&rx, "done", Duration::from_secs(10)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = writeln!(to_child, "stop");
+                let _ = to_child.flush();
+                expect(&rx, "done", Duration::from_secs(10))?
+            }
+        };
+        let _ = writeln!(to_child, "stop");
+        let _ = to_child.flush();
+        drop(to_child);
+        child.wait()?;
+        let starts: Vec<Option<u64>> = serde_json::from_str(&done["done ".len()..])?;
+        let (mut s2s, mut a2s, mut s2a) = (Vec::new(), Vec::new(), Vec::new());
+        let mut missing = 0;
+        for i in 0..n {
+            match starts.get(i).copied().flatten() {
+                Some(st) => {
+                    s2s.push((st as f64 - send[i] as f64) / 1e6);
+                    a2s.push((st as f64 - ack[i] as f64) / 1e6);
+                    s2a.push((ack[i] as f64 - send[i] as f64) / 1e6);
+                }
+                None => missing += 1,
+            }
+        }
+        let neg = a2s.iter().filter(|v| **v < 0.0).count();
+        let out = json!({
+            "test": "latency", "rate": rate, "n": n, "missing": missing,
+            "achieved_rate": round(n as f64 / elapsed, 1),
+            "concurrency": o.concurrency, "batch_size": o.batch_size, "pool": o.pool,
+            "send_to_start_ms": summ(s2s), "commitack_to_start_ms": summ(a2s),
+            "add_job_rtt_ms": summ(s2a), "neg_ack_to_start": neg, "loadavg1": loadavg1(),
+        });
+        println!("{}", merge(out, cpu));
+        Ok(())
+    }
+
+    /// `enqueue --mode` values this build supports.
+    const CAPABILITIES: &[&str] = &["tx1", "autocommit", "batch", "batch-all", "enqueue_all"];
+
+    pub fn main() -> Res<()> {
+        let a = Args::parse()?;
+        match a.cmd.as_str() {
+            // What this build can measure (scripts/outbox-bench runs what is listed).
+            "capabilities" => {
+                println!("{}", CAPABILITIES.join(" "));
+                Ok(())
+            }
+            "setup" => setup(&a.url()?),
+            "enqueue" => enqueue(&a),
+            "drain" => drain(&a),
+            "worker" => worker(&a),
+            "latency" => latency(&a),
+            "latency-worker" => latency_worker(&a),
+            other => Err(format!("unknown subcommand {other}").into()),
+        }
+    }
+}
+
+#[cfg(feature = "outbox-listen")]
+fn main() {
+    if let Err(e) = bench::main() {
+        eprintln!("outbox_bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(not(feature = "outbox-listen"))]
+fn main() {
+    eprintln!("outbox_bench needs the `outbox-listen` feature: cargo run --release --example outbox_bench --features outbox-listen -- ...");
+    std::process::exit(2);
+}
