@@ -543,7 +543,8 @@ fn discard(hook: Hook, outcome: Outcome, conn: Option<&Label>, why: &str) {
     } else {
         log::debug!(
             target: "diesel_transaction_signals",
-            "{kind} hook registered at {location} discarded: {why}"
+            "{kind} hook registered at {location} discarded: {why}{}",
+            conn.map(|c| format!(" (connection {c})")).unwrap_or_default()
         );
     }
 }

@@ -348,7 +348,7 @@ fn terminated_during_a_long_statement_error_swallowed_rolls_back() {
 fn terminated_while_commit_is_in_flight_is_unknown_and_runs_no_commit_hook() {
     let logs = common::logger();
     let mut conn = common::pg();
-    let id = conn.id().to_string();
+    let id = format!("(connection {})", conn.id());
     let pid = backend_pid(&mut conn);
     // Session-private objects: nothing is added to the shared schema.
     conn.batch_execute(

@@ -33,7 +33,9 @@ fn scratch_table(tag: &str) -> String {
 fn ddl_commits_implicitly_so_a_later_rollback_settles_as_unknown() {
     let logs = common::logger();
     let mut conn = common::mysql();
-    let id = conn.id().to_string();
+    let id = conn.id();
+    let in_warning = format!("connection {id}:");
+    let in_error = format!("(connection {id})");
     let tag = common::unique_tag("ddl-rollback");
     let table = scratch_table(&tag);
     let rec = Recorder::new();
@@ -52,9 +54,9 @@ fn ddl_commits_implicitly_so_a_later_rollback_settles_as_unknown() {
     // The wrapper cannot tell an implicit commit from a server-side rollback: never a hook
     // on a guess.
     assert_eq!(rec.take(), ["complete:Unknown"]);
-    let warned = logs.matching(log::Level::Warn, &["ended the transaction", &id]);
+    let warned = logs.matching(log::Level::Warn, &["ended the transaction", &in_warning]);
     assert_eq!(warned.len(), 1, "{warned:?}");
-    let dropped = logs.matching(log::Level::Error, &["dropped unrun", &id]);
+    let dropped = logs.matching(log::Level::Error, &["dropped unrun", &in_error]);
     assert_eq!(
         dropped.len(),
         2,

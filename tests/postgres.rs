@@ -114,7 +114,7 @@ fn serialization_failure_at_commit_runs_rollback_hooks_and_can_be_retried() {
 fn connection_lost_while_commit_is_in_flight_is_unknown_and_runs_no_commit_hook() {
     let logs = common::logger();
     let mut conn = common::pg();
-    let id = conn.id().to_string();
+    let id = format!("(connection {})", conn.id());
     let tag = common::unique_tag("lost-commit");
     let rec = Recorder::new();
     let r: QueryResult<()> = conn.transaction(|c| {

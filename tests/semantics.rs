@@ -98,7 +98,14 @@ macro_rules! semantic_suite {
                 );
                 assert!(
                     !logs
-                        .matching(log::Level::Debug, &["on_rollback hook", "never runs"])
+                        .matching(
+                            log::Level::Debug,
+                            &[
+                                "on_rollback hook",
+                                "never runs",
+                                &format!("(connection {})", conn.id()),
+                            ]
+                        )
                         .is_empty(),
                     "dropping it is recorded"
                 );
@@ -396,7 +403,7 @@ macro_rules! semantic_suite {
                         FailureCause::Panicked("complete exploded".into()),
                     ]
                 );
-                let id_text = id.to_string();
+                let id_text = format!("(connection {id})");
                 assert_eq!(
                     logs.matching(log::Level::Error, &["hook exploded", &id_text])
                         .len(),
