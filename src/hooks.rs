@@ -56,7 +56,8 @@ pub enum Outcome {
     /// rollback, a panic, or a connection that broke before COMMIT was sent.
     RolledBack,
     /// The connection broke while COMMIT was in flight, or the transaction ended behind the
-    /// wrapper's back (raw `COMMIT`/`ROLLBACK` SQL): it may or may not have committed. Neither
+    /// wrapper's back (`into_inner()` mid-transaction, raw `COMMIT`/`ROLLBACK` SQL on PostgreSQL):
+    /// it may or may not have committed. Neither
     /// commit nor rollback hooks run; `on_complete` hooks receive this value. Spring reports the
     /// same case as `STATUS_UNKNOWN`.
     Unknown,

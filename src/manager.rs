@@ -16,7 +16,8 @@
 //!
 //! Beside it the wrapper keeps one [`Level`](crate::hooks::Level) of hooks per level it saw
 //! open. Before every operation [`SignalConnection::sync`] makes the two agree: levels the inner
-//! status no longer has ended behind the wrapper's back (raw `COMMIT`/`ROLLBACK` SQL) and settle
+//! status no longer has ended behind the wrapper's back (raw `COMMIT`/`ROLLBACK` SQL, which
+//! PostgreSQL reports to Diesel; SQLite and MySQL do not) and settle
 //! as [`Outcome::Unknown`].
 //!
 //! # Transitions

@@ -267,3 +267,21 @@ fn commit_hooks_run_after_locks_are_released() {
         .unwrap();
     assert_eq!(v, 3);
 }
+
+#[test]
+fn a_transaction_ended_by_raw_sql_settles_unknown() {
+    use diesel::connection::{Connection, SimpleConnection, TransactionManager};
+    type Manager = <Conn as Connection>::TransactionManager;
+    let mut conn = common::pg();
+    let tag = common::unique_tag("raw-commit");
+    let rec = Recorder::new();
+    Manager::begin_transaction(&mut conn).unwrap();
+    insert(&mut conn, &tag, 1).unwrap();
+    conn.on_commit(rec.hook("commit"));
+    conn.on_rollback(rec.hook("rollback"));
+    conn.on_complete(rec.outcome("complete"));
+    conn.batch_execute("COMMIT").unwrap(); // behind the wrapper's back
+    assert_eq!(conn.transaction_depth(), 0);
+    assert_eq!(rec.take(), ["complete:Unknown"], "never a hook on a guess");
+    assert_eq!(count(&mut common::pg_plain(), &tag), 1, "it did commit");
+}

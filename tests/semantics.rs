@@ -618,6 +618,27 @@ macro_rules! semantic_suite {
                 ));
             }
 
+            // `into_inner` inside a transaction: the wrapper can no longer see the outcome.
+            #[test]
+            fn into_inner_inside_a_transaction_settles_unknown_and_logs_what_it_drops() {
+                let logs = common::logger();
+                let mut conn = connect();
+                let label = format!("(connection {})", conn.id());
+                let rec = Recorder::new();
+                Manager::begin_transaction(&mut conn).unwrap();
+                conn.on_commit(rec.hook("commit"));
+                conn.on_rollback(rec.hook("rollback"));
+                conn.on_complete(rec.outcome("complete"));
+                let inner = conn.into_inner();
+                assert_eq!(rec.take(), ["complete:Unknown"]);
+                assert_eq!(
+                    logs.matching(log::Level::Error, &["dropped unrun", &label]).len(),
+                    2
+                );
+                assert!(!in_transaction(), "the registry forgot the level");
+                drop(inner);
+            }
+
             // Manager calls (as pools make them) settle hooks as `transaction` does.
             #[test]
             fn manager_calls_settle_hooks_like_transaction() {
