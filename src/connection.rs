@@ -151,11 +151,30 @@ impl State {
         }
     }
 
-    /// Moves hooks that `defer` left in the inbox into their levels.
+    /// Moves hooks that `defer` left for this connection (in this thread's buffer, or in the
+    /// shared inbox) into their levels.
     #[inline]
     pub(crate) fn drain_inbox(&mut self) {
+        // Two loads when nothing waits: a thread-local flag and the inbox's atomic flag.
+        if registry::local_waiting() {
+            self.take_local();
+        }
         if self.inbox.has_pending() {
             self.drain_pending();
+        }
+    }
+
+    #[cold]
+    fn take_local(&mut self) {
+        let mut stranded = Vec::new();
+        registry::take_local(self.label.id, &mut self.stack, &mut stranded);
+        if !stranded.is_empty() {
+            settle_all(
+                stranded.into_iter(),
+                Outcome::Unknown,
+                Some(&self.label),
+                "it was deferred to a transaction level that another thread ended",
+            );
         }
     }
 
@@ -182,8 +201,10 @@ impl State {
         }
     }
 
-    #[inline]
-    pub(crate) fn open_level(&mut self) {
+    /// Opens a level: `local` when it was opened by a closure running on this thread (see
+    /// [`registry`]).
+    #[inline(always)]
+    pub(crate) fn open_level(&mut self, local: bool) {
         if self.stack.depth() == 0 {
             // Read the clock only for signal receivers: `Instant::now` is the costliest step of
             // a hook-free transaction (a serialising `rdtscp`, ~40 ns in a VM).
@@ -191,7 +212,7 @@ impl State {
             self.totals = Settled::default();
         }
         let serial = self.stack.open();
-        registry::enter(self.label.id, serial, &self.inbox);
+        registry::enter(self.label.id, serial, (!local).then_some(&self.inbox));
     }
 
     /// Closes the innermost level after its savepoint was released.
@@ -204,6 +225,7 @@ impl State {
     }
 
     /// Closes the innermost level and settles its hooks for `outcome`.
+    #[inline]
     pub(crate) fn finish_level(&mut self, outcome: Outcome, why: &str) -> Settled {
         let keep = self.stack.depth().saturating_sub(1);
         self.finish_above(keep, outcome, why)
@@ -212,28 +234,56 @@ impl State {
     /// Closes every level above the `keep` outermost ones and settles their hooks for
     /// `outcome`, all in registration order. Closing the outermost level sends the
     /// end-of-transaction signals.
+    #[inline]
     pub(crate) fn finish_above(&mut self, keep: usize, outcome: Outcome, why: &str) -> Settled {
         self.drain_inbox();
+        if self.stack.depth() == keep + 1 && self.close_empty_innermost(outcome) {
+            return Settled::default();
+        }
+        self.settle_above(keep, outcome, why)
+    }
+
+    /// The common end of a level: it holds no hook, so there is nothing to settle. Closes the
+    /// innermost level if that is so and says whether it did. Call after `drain_inbox`.
+    #[inline(always)]
+    pub(crate) fn close_empty_innermost(&mut self, outcome: Outcome) -> bool {
+        if !self.stack.innermost_is_empty() {
+            return false;
+        }
+        let Some(level) = self.stack.release() else {
+            return false;
+        };
+        registry::leave(self.label.id, level.serial, &self.inbox);
+        let depth = self.stack.depth();
+        log::trace!(
+            target: "diesel_transaction_signals",
+            "connection {}: level {} {outcome}",
+            self.label,
+            depth + 1
+        );
+        if depth == 0 {
+            self.test_transaction = false;
+            if signals::any_post_receivers() {
+                self.send_post(outcome);
+            }
+        }
+        true
+    }
+
+    #[cold]
+    fn send_post(&self, outcome: Outcome) {
+        signals::send_post(&self.event(Some(outcome)));
+    }
+
+    /// `finish_above` with hooks to settle, or several levels to close.
+    #[inline(never)]
+    fn settle_above(&mut self, keep: usize, outcome: Outcome, why: &str) -> Settled {
         let depth = self.stack.depth();
         if depth <= keep {
             return Settled::default();
         }
         if keep == 0 {
             self.test_transaction = false;
-        }
-        if depth == keep + 1 && self.stack.innermost_is_empty() {
-            // The common case, one level with no hooks: nothing to settle.
-            let level = self.stack.release().expect("depth > keep");
-            registry::leave(self.label.id, level.serial, &self.inbox);
-            log::trace!(
-                target: "diesel_transaction_signals",
-                "connection {}: level {depth} {outcome}",
-                self.label
-            );
-            if keep == 0 && signals::any_post_receivers() {
-                signals::send_post(&self.event(Some(outcome)));
-            }
-            return Settled::default();
         }
         let State {
             stack,
@@ -256,7 +306,7 @@ impl State {
         self.totals.ran += settled.ran;
         self.totals.discarded += settled.discarded;
         if keep == 0 && signals::any_post_receivers() {
-            signals::send_post(&self.event(Some(outcome)));
+            self.send_post(outcome);
         }
         settled
     }
@@ -297,22 +347,29 @@ impl State {
 
     /// Adds a hook to the innermost level, or settles it at once outside a transaction.
     /// Call after `drain_inbox`.
+    #[inline]
     fn register(&mut self, hook: Hook) {
         if self.stack.depth() == 0 {
-            settle_all(
-                std::iter::once(hook),
-                Outcome::Committed,
-                Some(&self.label),
-                "no transaction was open: on_rollback outside a transaction never runs",
-            );
+            self.settle_now(hook);
         } else {
             self.stack.push(hook);
         }
+    }
+
+    #[cold]
+    fn settle_now(&self, hook: Hook) {
+        settle_all(
+            std::iter::once(hook),
+            Outcome::Committed,
+            Some(&self.label),
+            "no transaction was open: on_rollback outside a transaction never runs",
+        );
     }
 }
 
 impl Drop for State {
     fn drop(&mut self) {
+        self.drain_inbox();
         let deferred = self.inbox.close();
         self.place(deferred.into_iter());
         if self.stack.depth() == 0 {
@@ -657,10 +714,9 @@ impl<C: Connection + 'static> SignalConnection<C> {
         if self.state.stack.depth() == 0 {
             return f(self);
         }
-        let boxed: BeforeFn<C> = Box::new(f);
         self.state
             .stack
-            .push(Hook::before(Box::new(boxed), location));
+            .push_pre_commit(Hook::before::<C>(Box::new(f), location));
         Ok(())
     }
 
@@ -726,32 +782,38 @@ impl<C: Connection + 'static> SignalConnection<C> {
     }
 
     /// Moves `defer`red hooks into place and settles levels that ended behind the wrapper's
-    /// back. Called at the start of every operation.
+    /// back. Called at the start of every operation. Returns the inner status it read (`None`
+    /// when the wrapper had no level open and did not need to look).
     #[inline]
-    pub(crate) fn sync(&mut self) {
+    pub(crate) fn sync(&mut self) -> Option<InnerState> {
         self.state.drain_inbox();
         let open = self.state.stack.depth();
         if open == 0 {
-            return;
+            return None;
         }
-        match InnerState::read(&mut self.inner) {
-            InnerState::Open { depth, .. } if depth >= open => {}
+        let inner = InnerState::read(&mut self.inner);
+        match inner {
+            InnerState::Open { depth, .. } if depth as usize >= open => {}
             InnerState::Broken => {}
-            inner => {
-                log::warn!(
-                    target: "diesel_transaction_signals",
-                    "connection {}: {} transaction level(s) ended without the wrapper \
-                     (raw COMMIT/ROLLBACK SQL, or a transaction driven through inner_mut())",
-                    self.state.label,
-                    open - inner.depth()
-                );
-                self.state.finish_above(
-                    inner.depth(),
-                    Outcome::Unknown,
-                    "its transaction ended outside the wrapper's control",
-                );
-            }
+            _ => self.levels_vanished(open, inner),
         }
+        Some(inner)
+    }
+
+    #[cold]
+    fn levels_vanished(&mut self, open: usize, inner: InnerState) {
+        log::warn!(
+            target: "diesel_transaction_signals",
+            "connection {}: {} transaction level(s) ended without the wrapper \
+             (raw COMMIT/ROLLBACK SQL, or a transaction driven through inner_mut())",
+            self.state.label,
+            open - inner.depth()
+        );
+        self.state.finish_above(
+            inner.depth(),
+            Outcome::Unknown,
+            "its transaction ended outside the wrapper's control",
+        );
     }
 }
 

@@ -10,7 +10,7 @@
 
 use std::any::Any;
 use std::fmt;
-use std::panic::{catch_unwind, AssertUnwindSafe, Location};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe, Location};
 use std::sync::{Arc, RwLock};
 
 use crate::ConnectionId;
@@ -367,34 +367,143 @@ impl<T, E: fmt::Display> HookOutput for Result<T, E> {
     }
 }
 
-pub(crate) type ThunkFn = Box<dyn FnOnce() -> Option<String> + Send + 'static>;
-pub(crate) type CompleteFn = Box<dyn FnOnce(Outcome) -> Option<String> + Send + 'static>;
-
-pub(crate) enum Callback {
-    Commit(ThunkFn),
-    Rollback(ThunkFn),
-    Complete(CompleteFn),
-    /// A `before_commit` hook: a boxed `FnOnce(&mut SignalConnection<C>)`, type-erased because
-    /// the stack does not know `C`.
-    Before(Box<dyn std::any::Any + Send + 'static>),
-    /// A row handed over by `defer_durable!`, written just before COMMIT (boxed: keeps every
-    /// hook small).
-    #[cfg(feature = "outbox")]
-    Durable(Box<crate::outbox::NewRow>),
-}
-
-/// What the pre-commit phase runs: a `before_commit` closure (type-erased) or a durable row.
+/// What the pre-commit phase runs: a `before_commit` hook (type-erased: the stack does not know
+/// the connection type; `manager` downcasts it to [`Before<C>`]) or a durable row.
 pub(crate) enum PreCommit {
-    Before(Box<dyn std::any::Any + Send + 'static>),
+    Before(Box<dyn Any + Send + 'static>),
     #[cfg(feature = "outbox")]
-    Durable(Box<crate::outbox::NewRow>),
+    Durable(crate::outbox::NewRow),
 }
 
-/// One registered hook: its closure and where it was registered.
-pub(crate) struct Hook {
-    callback: Callback,
-    location: &'static Location<'static>,
+/// The hook running (or being dropped) now, for the report if it panics.
+type Running = Option<(HookKind, &'static Location<'static>)>;
+
+/// A hook's closure boxed with where it was registered. Object-safe so that a [`Hook`] is one
+/// fat pointer.
+trait Erased: Send + 'static {
+    fn kind(&self) -> HookKind;
+    fn location(&self) -> &'static Location<'static>;
+    /// Runs the hook if it applies to `outcome` and returns its failure, if any; otherwise
+    /// drops it and returns `None`. Either way it first names itself in `running`.
+    fn settle(self: Box<Self>, outcome: Outcome, running: &mut Running) -> Option<Option<String>>;
+    /// A pre-commit hook's payload; `None` (and the hook dropped) for any other.
+    fn into_pre_commit(self: Box<Self>) -> Option<PreCommit> {
+        None
+    }
+    fn is_pre_commit(&self) -> bool {
+        false
+    }
 }
+
+const COMMIT: u8 = 0;
+const ROLLBACK: u8 = 1;
+const COMPLETE: u8 = 2;
+
+/// An `on_commit` (`K = COMMIT`), `on_rollback` or `on_complete` hook.
+struct Run<F, const K: u8> {
+    location: &'static Location<'static>,
+    f: F,
+}
+
+impl<F, const K: u8> Erased for Run<F, K>
+where
+    F: FnOnce(Outcome) -> Option<String> + Send + 'static,
+{
+    fn kind(&self) -> HookKind {
+        match K {
+            COMMIT => HookKind::Commit,
+            ROLLBACK => HookKind::Rollback,
+            _ => HookKind::Complete,
+        }
+    }
+
+    fn location(&self) -> &'static Location<'static> {
+        self.location
+    }
+
+    #[inline]
+    fn settle(self: Box<Self>, outcome: Outcome, running: &mut Running) -> Option<Option<String>> {
+        *running = Some((self.kind(), self.location));
+        let applies = match K {
+            COMMIT => outcome == Outcome::Committed,
+            ROLLBACK => outcome == Outcome::RolledBack,
+            _ => true,
+        };
+        if applies {
+            let Run { f, .. } = *self;
+            Some(f(outcome))
+        } else {
+            drop(self);
+            None
+        }
+    }
+}
+
+/// A `before_commit` hook of a `SignalConnection<C>`.
+pub(crate) struct Before<C> {
+    location: &'static Location<'static>,
+    pub(crate) f: crate::connection::BeforeFn<C>,
+}
+
+impl<C: 'static> Erased for Before<C> {
+    fn kind(&self) -> HookKind {
+        HookKind::BeforeCommit
+    }
+
+    fn location(&self) -> &'static Location<'static> {
+        self.location
+    }
+
+    fn settle(self: Box<Self>, _: Outcome, running: &mut Running) -> Option<Option<String>> {
+        // Only reached when the pre-commit phase never ran (the transaction did not commit).
+        *running = Some((HookKind::BeforeCommit, self.location));
+        None
+    }
+
+    fn into_pre_commit(self: Box<Self>) -> Option<PreCommit> {
+        Some(PreCommit::Before(self))
+    }
+
+    fn is_pre_commit(&self) -> bool {
+        true
+    }
+}
+
+/// A row handed over by `defer_durable!`, written just before COMMIT.
+#[cfg(feature = "outbox")]
+struct Durable {
+    location: &'static Location<'static>,
+    row: crate::outbox::NewRow,
+}
+
+#[cfg(feature = "outbox")]
+impl Erased for Durable {
+    fn kind(&self) -> HookKind {
+        HookKind::BeforeCommit
+    }
+
+    fn location(&self) -> &'static Location<'static> {
+        self.location
+    }
+
+    fn settle(self: Box<Self>, _: Outcome, running: &mut Running) -> Option<Option<String>> {
+        *running = Some((HookKind::BeforeCommit, self.location));
+        None
+    }
+
+    fn into_pre_commit(self: Box<Self>) -> Option<PreCommit> {
+        Some(PreCommit::Durable(self.row))
+    }
+
+    fn is_pre_commit(&self) -> bool {
+        true
+    }
+}
+
+/// One registered hook: its closure and where it was registered, in one box. Sixteen bytes, so
+/// it moves in registers; the box holds the closure's captures plus the location (one
+/// allocation per hook).
+pub(crate) struct Hook(Box<dyn Erased>);
 
 impl Hook {
     #[inline]
@@ -403,10 +512,10 @@ impl Hook {
         F: FnOnce() -> R + Send + 'static,
         R: HookOutput,
     {
-        Hook {
-            callback: Callback::Commit(Box::new(move || f().into_failure())),
+        Hook(Box::new(Run::<_, COMMIT> {
             location,
-        }
+            f: move |_: Outcome| f().into_failure(),
+        }))
     }
 
     #[inline]
@@ -415,10 +524,10 @@ impl Hook {
         F: FnOnce() -> R + Send + 'static,
         R: HookOutput,
     {
-        Hook {
-            callback: Callback::Rollback(Box::new(move || f().into_failure())),
+        Hook(Box::new(Run::<_, ROLLBACK> {
             location,
-        }
+            f: move |_: Outcome| f().into_failure(),
+        }))
     }
 
     #[inline]
@@ -427,20 +536,17 @@ impl Hook {
         F: FnOnce(Outcome) -> R + Send + 'static,
         R: HookOutput,
     {
-        Hook {
-            callback: Callback::Complete(Box::new(move |o| f(o).into_failure())),
+        Hook(Box::new(Run::<_, COMPLETE> {
             location,
-        }
+            f: move |o: Outcome| f(o).into_failure(),
+        }))
     }
 
-    pub(crate) fn before(
-        f: Box<dyn std::any::Any + Send + 'static>,
+    pub(crate) fn before<C: 'static>(
+        f: crate::connection::BeforeFn<C>,
         location: &'static Location<'static>,
     ) -> Self {
-        Hook {
-            callback: Callback::Before(f),
-            location,
-        }
+        Hook(Box::new(Before { location, f }))
     }
 
     #[cfg(feature = "outbox")]
@@ -448,93 +554,96 @@ impl Hook {
         row: crate::outbox::NewRow,
         location: &'static Location<'static>,
     ) -> Self {
-        Hook {
-            callback: Callback::Durable(Box::new(row)),
-            location,
-        }
+        Hook(Box::new(Durable { location, row }))
     }
 
     pub(crate) fn kind(&self) -> HookKind {
-        match self.callback {
-            Callback::Commit(_) => HookKind::Commit,
-            Callback::Rollback(_) => HookKind::Rollback,
-            Callback::Complete(_) => HookKind::Complete,
-            Callback::Before(_) => HookKind::BeforeCommit,
-            #[cfg(feature = "outbox")]
-            Callback::Durable(_) => HookKind::BeforeCommit,
-        }
+        self.0.kind()
     }
 
     /// Splits a pre-commit hook into what the pre-commit phase runs.
     pub(crate) fn into_pre_commit(self) -> Option<PreCommit> {
-        match self.callback {
-            Callback::Before(f) => Some(PreCommit::Before(f)),
-            #[cfg(feature = "outbox")]
-            Callback::Durable(row) => Some(PreCommit::Durable(row)),
-            _ => None,
-        }
+        self.0.into_pre_commit()
     }
 
     pub(crate) fn location(&self) -> &'static Location<'static> {
-        self.location
+        self.0.location()
     }
 
     /// Runs in the pre-commit phase (`before_commit`, `defer_durable!`).
     pub(crate) fn is_pre_commit(&self) -> bool {
-        match self.callback {
-            Callback::Before(_) => true,
-            #[cfg(feature = "outbox")]
-            Callback::Durable(_) => true,
-            _ => false,
-        }
+        self.0.is_pre_commit()
     }
 }
 
-#[inline]
-fn run_caught(f: impl FnOnce() -> Option<String>) -> Result<(), FailureCause> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(None) => Ok(()),
-        Ok(Some(err)) => Err(FailureCause::Returned(err)),
-        Err(payload) => Err(FailureCause::Panicked(panic_message(&*payload))),
-    }
-}
+const _: () = assert!(std::mem::size_of::<Hook>() == 16);
 
 /// Settles `hooks` for `outcome`: runs those that apply (a hook that panics or returns `Err` is
 /// caught and reported), drops the others, and logs what was dropped unrun: at debug level where
 /// that is the normal fate (commit hooks of rolled-back work), at error level where nobody can
 /// know (`Unknown`).
+///
+/// One `catch_unwind` covers the whole run rather than one per hook: after a panic the loop
+/// reports it against the hook that was running and resumes with the next one.
 pub(crate) fn settle_all(
-    hooks: impl Iterator<Item = Hook>,
+    mut hooks: impl Iterator<Item = Hook>,
     outcome: Outcome,
     conn: Option<&Label>,
     why: &str,
 ) -> Settled {
     let mut settled = Settled::default();
-    for Hook { callback, location } in hooks {
-        // One match per hook; the discard path (and its log line) is out of line.
-        let (kind, result) = match (callback, outcome) {
-            (Callback::Commit(f), Outcome::Committed) => (HookKind::Commit, run_caught(f)),
-            (Callback::Rollback(f), Outcome::RolledBack) => (HookKind::Rollback, run_caught(f)),
-            (Callback::Complete(f), o) => (HookKind::Complete, run_caught(move || f(o))),
-            (callback, _) => {
-                settled.discarded += 1;
-                discard(Hook { callback, location }, outcome, conn, why);
-                continue;
+    // The hook running now, so a panic can be reported against it; `None` outside hook code
+    // (a panic there, in a logger, is not ours to swallow).
+    let mut running: Running = None;
+    loop {
+        let run = catch_unwind(AssertUnwindSafe(|| {
+            for Hook(hook) in &mut hooks {
+                let result = hook.settle(outcome, &mut running);
+                let Some((kind, location)) = running.take() else {
+                    unreachable!("a hook names itself when settled");
+                };
+                match result {
+                    Some(None) => settled.ran += 1,
+                    Some(Some(err)) => {
+                        settled.ran += 1;
+                        report(HookFailure::new(
+                            kind,
+                            location,
+                            conn,
+                            FailureCause::Returned(err),
+                        ));
+                    }
+                    None => {
+                        settled.discarded += 1;
+                        discarded(kind, location, outcome, conn, why);
+                    }
+                }
             }
-        };
-        settled.ran += 1;
-        if let Err(cause) = result {
-            report(HookFailure::new(kind, location, conn, cause));
+        }));
+        match run {
+            Ok(()) => return settled,
+            Err(payload) => {
+                let Some((kind, location)) = running.take() else {
+                    resume_unwind(payload);
+                };
+                settled.ran += 1;
+                let cause = FailureCause::Panicked(panic_message(&*payload));
+                drop(payload);
+                report(HookFailure::new(kind, location, conn, cause));
+            }
         }
     }
-    settled
 }
 
-/// Drops a hook that does not apply to `outcome` (its captured values are freed) and logs it.
+/// Logs a hook dropped unrun because it does not apply to `outcome`.
 #[cold]
-fn discard(hook: Hook, outcome: Outcome, conn: Option<&Label>, why: &str) {
-    let (kind, location) = (hook.kind(), hook.location());
-    drop(hook);
+fn discarded(
+    kind: HookKind,
+    location: &'static Location<'static>,
+    outcome: Outcome,
+    conn: Option<&Label>,
+    why: &str,
+) {
     if outcome == Outcome::Unknown {
         log::error!(
             target: "diesel_transaction_signals",
@@ -603,17 +712,30 @@ impl HookStack {
         self.has_before
     }
 
+    /// The serial of the innermost open level (0 with none open).
+    #[inline]
+    pub(crate) fn innermost_serial(&self) -> u64 {
+        self.levels.last().map_or(0, |l| l.serial)
+    }
+
     #[inline]
     pub(crate) fn depth(&self) -> usize {
         self.levels.len()
     }
 
-    /// Adds a hook to the innermost level. Must only be called with a level open.
+    /// Adds a hook that is not a pre-commit one to the innermost level. Must only be called with
+    /// a level open.
     #[inline]
     pub(crate) fn push(&mut self, hook: Hook) {
         debug_assert!(!self.levels.is_empty());
-        self.has_before |= hook.is_pre_commit();
         self.hooks.push(hook);
+    }
+
+    /// Adds a pre-commit hook (`before_commit`) to the innermost level.
+    pub(crate) fn push_pre_commit(&mut self, hook: Hook) {
+        debug_assert!(hook.is_pre_commit());
+        self.has_before = true;
+        self.push(hook);
     }
 
     /// Takes every pending `before_commit` hook, in registration order, leaving the others in
@@ -630,22 +752,40 @@ impl HookStack {
         before
     }
 
+    /// Moves every hook of `hooks` to the innermost level (a level must be open).
+    #[inline]
+    pub(crate) fn append(&mut self, hooks: &mut Vec<Hook>, has_before: bool) {
+        debug_assert!(!self.levels.is_empty());
+        self.has_before |= has_before;
+        self.hooks.append(hooks);
+    }
+
     /// Adds a hook to the level with `serial`; returns it back if no such level is open.
+    #[inline]
     pub(crate) fn push_to(&mut self, serial: u64, hook: Hook) -> Result<(), Hook> {
+        match self.levels.last() {
+            Some(innermost) if innermost.serial == serial => {
+                self.has_before |= hook.is_pre_commit();
+                self.hooks.push(hook);
+                Ok(())
+            }
+            _ => self.push_below(serial, hook),
+        }
+    }
+
+    /// `push_to` a level below the innermost (only reachable through a `defer!` from another
+    /// thread's stale view), or to no level at all.
+    #[cold]
+    fn push_below(&mut self, serial: u64, hook: Hook) -> Result<(), Hook> {
         let Some(idx) = self.levels.iter().rposition(|l| l.serial == serial) else {
             return Err(hook);
         };
         self.has_before |= hook.is_pre_commit();
-        if idx + 1 == self.levels.len() {
-            self.hooks.push(hook);
-        } else {
-            // A level below the innermost (only reachable through a `defer!` from another
-            // thread's stale view): insert at the end of that level's range.
-            let at = self.levels[idx + 1].start;
-            self.hooks.insert(at, hook);
-            for l in &mut self.levels[idx + 1..] {
-                l.start += 1;
-            }
+        // Insert at the end of that level's range.
+        let at = self.levels[idx + 1].start;
+        self.hooks.insert(at, hook);
+        for l in &mut self.levels[idx + 1..] {
+            l.start += 1;
         }
         Ok(())
     }

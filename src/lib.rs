@@ -160,7 +160,7 @@ where
 }
 
 fn defer_hook(hook: hooks::Hook) {
-    if let Err(hook) = registry::offer(hook) {
+    if let Err(hook) = registry::offer(hook, false) {
         hooks::settle_all(
             std::iter::once(hook),
             Outcome::Committed,

@@ -44,9 +44,9 @@ use diesel::result::{DatabaseErrorKind, Error, QueryResult};
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
-use crate::connection::BeforeFn;
 use crate::error::TransactionAborted;
-use crate::hooks::PreCommit;
+use crate::hooks::{Before, PreCommit};
+use crate::registry;
 use crate::signals::{self, Veto};
 use crate::{Outcome, SignalConnection};
 
@@ -82,12 +82,17 @@ impl<C> std::fmt::Debug for SignalTransactionManager<C> {
 }
 
 /// The inner connection's transaction status, read fresh.
+///
+/// Eight bytes (Diesel's depth is a `NonZeroU32`), so it and `Option<InnerState>` travel in a
+/// register rather than through memory on the commit path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum InnerState {
     Idle,
-    Open { depth: usize, aborted: bool },
+    Open { depth: u32, aborted: bool },
     Broken,
 }
+
+const _: () = assert!(std::mem::size_of::<Option<InnerState>>() == 8);
 
 impl InnerState {
     pub(crate) fn read<C: Connection>(conn: &mut C) -> Self {
@@ -101,7 +106,7 @@ impl InnerState {
                 in_transaction: Some(s),
                 ..
             }) => InnerState::Open {
-                depth: s.transaction_depth.get() as usize,
+                depth: s.transaction_depth.get(),
                 aborted: s.requires_rollback_maybe_up_to_top_level,
             },
         }
@@ -110,7 +115,7 @@ impl InnerState {
     /// Levels open, counting a broken manager as none: nothing there will ever commit.
     pub(crate) fn depth(self) -> usize {
         match self {
-            InnerState::Open { depth, .. } => depth,
+            InnerState::Open { depth, .. } => depth as usize,
             InnerState::Idle | InnerState::Broken => 0,
         }
     }
@@ -154,7 +159,7 @@ impl<C: Connection + 'static> TransactionManager<SignalConnection<C>>
     fn begin_transaction(conn: &mut SignalConnection<C>) -> QueryResult<()> {
         conn.sync();
         C::TransactionManager::begin_transaction(&mut conn.inner)?;
-        conn.state.open_level();
+        conn.state.open_level(false);
         Ok(())
     }
 
@@ -187,85 +192,8 @@ impl<C: Connection + 'static> TransactionManager<SignalConnection<C>>
     }
 
     fn commit_transaction(conn: &mut SignalConnection<C>) -> QueryResult<()> {
-        conn.sync();
-        let mut before = InnerState::read(&mut conn.inner);
-        // The pre-commit phase has nothing to do without PRE_COMMIT receivers or
-        // `before_commit` hooks: skip it (and its `sync`).
-        if matches!(before, InnerState::Open { depth: 1, .. })
-            && (signals::PRE_COMMIT.is_active() || conn.state.stack.has_before())
-        {
-            if let Err(e) = conn.pre_commit() {
-                let _ = C::TransactionManager::rollback_transaction(&mut conn.inner);
-                conn.state
-                    .finish_all(Outcome::RolledBack, "the commit was refused before COMMIT");
-                return Err(e);
-            }
-            before = InnerState::read(&mut conn.inner);
-        }
-        match before {
-            InnerState::Open {
-                depth: 1,
-                aborted: true,
-            } => {
-                // COMMIT would silently become ROLLBACK (PostgreSQL), or the server already
-                // rolled back (MySQL deadlock): say so instead of reporting success.
-                let rollback = C::TransactionManager::rollback_transaction(&mut conn.inner);
-                conn.state.finish_all(
-                    Outcome::RolledBack,
-                    "the transaction was aborted by an earlier database error",
-                );
-                let aborted = TransactionAborted::into_error();
-                return Err(match rollback {
-                    Ok(()) => aborted,
-                    Err(rollback_error) => Error::RollbackErrorOnCommit {
-                        rollback_error: Box::new(rollback_error),
-                        commit_error: Box::new(aborted),
-                    },
-                });
-            }
-            InnerState::Broken => {
-                let result = C::TransactionManager::commit_transaction(&mut conn.inner);
-                conn.state.finish_all(
-                    Outcome::RolledBack,
-                    "the connection broke before COMMIT was sent",
-                );
-                return result;
-            }
-            _ => {}
-        }
-        let result = C::TransactionManager::commit_transaction(&mut conn.inner);
-        let after_state = InnerState::read(&mut conn.inner);
-        let after = after_state.depth();
-        match &result {
-            Ok(()) => {
-                while conn.state.stack.depth() > after {
-                    if conn.state.stack.depth() == 1 {
-                        conn.state.finish_level(Outcome::Committed, "committed");
-                    } else {
-                        conn.state.release_level();
-                    }
-                }
-            }
-            Err(e) => {
-                let top = before
-                    == InnerState::Open {
-                        depth: 1,
-                        aborted: false,
-                    };
-                let broken = after_state == InnerState::Broken;
-                let (outcome, why) =
-                    if top && commit_fate_unknown(e, broken, || conn.connection_dead()) {
-                        (
-                            Outcome::Unknown,
-                            "the connection was lost while COMMIT was in flight",
-                        )
-                    } else {
-                        (Outcome::RolledBack, "the commit failed")
-                    };
-                conn.state.finish_above(after, outcome, why);
-            }
-        }
-        result
+        let before = conn.sync();
+        commit_synced(conn, before)
     }
 
     fn transaction_manager_status_mut(
@@ -279,7 +207,7 @@ impl<C: Connection + 'static> TransactionManager<SignalConnection<C>>
         F: FnOnce(&mut SignalConnection<C>) -> Result<R, E>,
         E: From<Error>,
     {
-        run_transaction(conn, Self::begin_transaction, callback)
+        run_transaction(conn, C::TransactionManager::begin_transaction, callback)
     }
 
     fn is_broken_transaction_manager(conn: &mut SignalConnection<C>) -> bool {
@@ -288,9 +216,142 @@ impl<C: Connection + 'static> TransactionManager<SignalConnection<C>>
     }
 }
 
+/// `commit_transaction` after [`SignalConnection::sync`] returned `before`.
+#[inline(always)]
+fn commit_synced<C: Connection + 'static>(
+    conn: &mut SignalConnection<C>,
+    before: Option<InnerState>,
+) -> QueryResult<()> {
+    let before = before.unwrap_or_else(|| InnerState::read(&mut conn.inner));
+    // The fast path: a healthy level with nothing to run before COMMIT, which closes exactly
+    // that level.
+    let plain = match before {
+        InnerState::Open { depth: 1, aborted } => {
+            !aborted && !signals::PRE_COMMIT.is_active() && !conn.state.stack.has_before()
+        }
+        InnerState::Open { .. } => true,
+        _ => false,
+    };
+    if plain {
+        let result = C::TransactionManager::commit_transaction(&mut conn.inner);
+        let after = InnerState::read(&mut conn.inner).depth();
+        let open = conn.state.stack.depth();
+        if result.is_ok() && after + 1 == open {
+            conn.state.drain_inbox();
+            if open > 1 {
+                conn.state.release_level();
+            } else if !conn.state.close_empty_innermost(Outcome::Committed) {
+                conn.state.finish_level(Outcome::Committed, "committed");
+            }
+            return Ok(());
+        }
+        return commit_settled(conn, before, result);
+    }
+    commit_general(conn, before)
+}
+
+/// `commit_synced` beyond the fast path: the pre-commit phase, an aborted or broken
+/// transaction.
+#[inline(never)]
+fn commit_general<C: Connection + 'static>(
+    conn: &mut SignalConnection<C>,
+    mut before: InnerState,
+) -> QueryResult<()> {
+    // The pre-commit phase has nothing to do without PRE_COMMIT receivers or
+    // `before_commit` hooks: skip it (and its `sync`).
+    if matches!(before, InnerState::Open { depth: 1, .. })
+        && (signals::PRE_COMMIT.is_active() || conn.state.stack.has_before())
+    {
+        if let Err(e) = conn.pre_commit() {
+            let _ = C::TransactionManager::rollback_transaction(&mut conn.inner);
+            conn.state
+                .finish_all(Outcome::RolledBack, "the commit was refused before COMMIT");
+            return Err(e);
+        }
+        before = InnerState::read(&mut conn.inner);
+    }
+    match before {
+        InnerState::Open {
+            depth: 1,
+            aborted: true,
+        } => {
+            // COMMIT would silently become ROLLBACK (PostgreSQL), or the server already
+            // rolled back (MySQL deadlock): say so instead of reporting success.
+            let rollback = C::TransactionManager::rollback_transaction(&mut conn.inner);
+            conn.state.finish_all(
+                Outcome::RolledBack,
+                "the transaction was aborted by an earlier database error",
+            );
+            let aborted = TransactionAborted::into_error();
+            return Err(match rollback {
+                Ok(()) => aborted,
+                Err(rollback_error) => Error::RollbackErrorOnCommit {
+                    rollback_error: Box::new(rollback_error),
+                    commit_error: Box::new(aborted),
+                },
+            });
+        }
+        InnerState::Broken => {
+            let result = C::TransactionManager::commit_transaction(&mut conn.inner);
+            conn.state.finish_all(
+                Outcome::RolledBack,
+                "the connection broke before COMMIT was sent",
+            );
+            return result;
+        }
+        _ => {}
+    }
+    let result = C::TransactionManager::commit_transaction(&mut conn.inner);
+    commit_settled(conn, before, result)
+}
+
+/// Settles the levels a COMMIT (or RELEASE) that returned `result` closed.
+#[inline(never)]
+fn commit_settled<C: Connection + 'static>(
+    conn: &mut SignalConnection<C>,
+    before: InnerState,
+    result: QueryResult<()>,
+) -> QueryResult<()> {
+    let after_state = InnerState::read(&mut conn.inner);
+    let after = after_state.depth();
+    match &result {
+        Ok(()) => {
+            while conn.state.stack.depth() > after {
+                if conn.state.stack.depth() == 1 {
+                    conn.state.finish_level(Outcome::Committed, "committed");
+                } else {
+                    conn.state.release_level();
+                }
+            }
+        }
+        Err(e) => {
+            let top = before
+                == InnerState::Open {
+                    depth: 1,
+                    aborted: false,
+                };
+            let broken = after_state == InnerState::Broken;
+            let (outcome, why) = if top && commit_fate_unknown(e, broken, || conn.connection_dead())
+            {
+                (
+                    Outcome::Unknown,
+                    "the connection was lost while COMMIT was in flight",
+                )
+            } else {
+                (Outcome::RolledBack, "the commit failed")
+            };
+            conn.state.finish_above(after, outcome, why);
+        }
+    }
+    result
+}
+
 /// `Connection::transaction` with a custom begin (`BEGIN IMMEDIATE`, an isolation level), made
 /// panic-safe: a panicking closure has its level rolled back (rollback hooks run) before the
 /// panic continues, so the connection stays usable. Diesel's default leaves it open.
+///
+/// The level is *local* (see [`registry`](crate::registry)): it ends in this call, on this
+/// thread, so `defer` inside it waits in the thread's buffer without a lock.
 pub(crate) fn run_transaction<C, R, E, B, F>(
     conn: &mut SignalConnection<C>,
     begin: B,
@@ -298,23 +359,30 @@ pub(crate) fn run_transaction<C, R, E, B, F>(
 ) -> Result<R, E>
 where
     C: Connection + 'static,
-    B: FnOnce(&mut SignalConnection<C>) -> QueryResult<()>,
+    B: FnOnce(&mut C) -> QueryResult<()>,
     F: FnOnce(&mut SignalConnection<C>) -> Result<R, E>,
     E: From<Error>,
 {
-    begin(conn)?;
+    conn.sync();
+    begin(&mut conn.inner)?;
+    conn.state.open_level(true);
     let depth = conn.state.stack.depth();
+    let serial = conn.state.stack.innermost_serial();
     let mut guard = scopeguard::guard_on_unwind(conn, move |conn| {
         // A failure is logged in `rollback_to`; the panic is what the caller sees.
         let _ = conn.rollback_to(depth, "the transaction closure panicked");
     });
     let result = callback(&mut **guard);
     let conn = scopeguard::ScopeGuard::into_inner(guard);
-    conn.sync();
+    let inner = conn.sync();
     if conn.state.stack.depth() < depth {
         // The level is gone already: the closure ended it (raw manager calls), or the
-        // connection broke inside it and every level settled as rolled back. Never report
-        // success for the second.
+        // connection broke inside it and every level settled as rolled back. If another
+        // thread ended it, this thread still has its entry (and maybe hooks deferred to it):
+        // drop the one, settle the others.
+        registry::forget(conn.state.label.id, serial);
+        conn.state.drain_inbox();
+        // Never report success for a broken connection.
         return match result {
             Ok(_) if InnerState::read(&mut conn.inner) == InnerState::Broken => {
                 Err(Error::BrokenTransactionManager.into())
@@ -324,8 +392,7 @@ where
     }
     match result {
         Ok(value) => {
-            let committed =
-                <SignalTransactionManager<C> as TransactionManager<_>>::commit_transaction(conn);
+            let committed = commit_synced(conn, inner);
             match committed {
                 Ok(()) => Ok(value),
                 Err(commit_error) => {
@@ -369,10 +436,11 @@ impl<C: Connection + 'static> SignalConnection<C> {
             while let Some(hook) = pending.next() {
                 let location = hook.location();
                 let result = match hook.into_pre_commit() {
-                    Some(PreCommit::Before(f)) => {
-                        let f = *f
-                            .downcast::<BeforeFn<C>>()
-                            .expect("before_commit hooks are stored with their connection's type");
+                    Some(PreCommit::Before(hook)) => {
+                        let f = hook
+                            .downcast::<Before<C>>()
+                            .expect("before_commit hooks are stored with their connection's type")
+                            .f;
                         catch_unwind(AssertUnwindSafe(|| f(self)))
                     }
                     #[cfg(feature = "outbox")]
@@ -505,14 +573,8 @@ where
     {
         run_transaction(
             self,
-            |conn| {
-                conn.sync();
-                diesel::connection::AnsiTransactionManager::begin_transaction_sql(
-                    &mut conn.inner,
-                    begin_sql,
-                )?;
-                conn.state.open_level();
-                Ok(())
+            |inner| {
+                diesel::connection::AnsiTransactionManager::begin_transaction_sql(inner, begin_sql)
             },
             f,
         )

@@ -2,24 +2,37 @@
 //! the innermost transaction open on this thread without a connection handle.
 //!
 //! Each thread keeps a stack of [`Entry`]s: one per transaction level opened on it, innermost
-//! last. An entry names its connection's [`Inbox`] (shared by `Arc`, so the connection stays
-//! `Send`) and the level's serial number. `defer` pushes `(serial, hook)` into the inbox; the
-//! connection moves inbox hooks into its own [`HookStack`](crate::hooks::HookStack) at its next
-//! operation (registration, begin, commit, rollback, drop), before anything else, so the order
-//! of registration is kept.
+//! last, naming the connection and the level's serial number. Where a deferred hook waits for
+//! its connection depends on how the level was opened:
+//!
+//! - **local** (`transaction`, `build_transaction`, `immediate_transaction`...: a closure that
+//!   runs on this thread): the hook waits in this thread's buffer, with no lock and no atomic
+//!   operation. The level ends inside that closure call, on this thread, and every operation of
+//!   the connection on this thread first moves the buffer's hooks for it into its
+//!   [`HookStack`](crate::hooks::HookStack), so none is left behind;
+//! - **shared** (a bare `TransactionManager::begin_transaction`, `begin_test_transaction`: the
+//!   connection may be moved to another thread before the level ends): the entry holds the
+//!   connection's [`Inbox`] (by `Arc`, so the connection stays `Send`) and the hook waits there,
+//!   behind a lock, for the connection's next operation on whatever thread.
+//!
+//! Either way the connection places waiting hooks at its next operation (registration, begin,
+//! commit, rollback, drop) before anything else, so the order of registration is kept.
 //!
 //! Invariants:
 //! - an entry is pushed when a level opens and removed when it closes, before its hooks run;
-//! - a level that closes on another thread than the one that opened it (a connection moved
-//!   between threads mid-transaction) is marked dead in its inbox, so the stale entry it left
-//!   behind is skipped and removed by the next `defer` on that thread;
+//! - a shared level that closes on another thread than the one that opened it (a connection
+//!   moved between threads mid-transaction) is marked dead in its inbox, so the stale entry it
+//!   left behind is skipped and removed by the next `defer` on that thread; a local level that
+//!   does (raw manager calls from another thread inside the closure) has its entry removed, and
+//!   its waiting hooks settled as [`Outcome::Unknown`](crate::Outcome::Unknown), when the closure
+//!   returns;
 //! - a dropped connection closes its inbox; entries naming a closed inbox are skipped.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::hooks::Hook;
+use crate::hooks::{Hook, HookStack};
 use crate::ConnectionId;
 
 /// Hooks handed to a connection by `defer`, waiting for its next operation.
@@ -88,41 +101,164 @@ impl Inbox {
 struct Entry {
     conn: ConnectionId,
     serial: u64,
-    inbox: Arc<Inbox>,
+    /// `None` for a local level, the connection's inbox for a shared one (see the module docs).
+    inbox: Option<Arc<Inbox>>,
+}
+
+impl Entry {
+    /// Whether `defer` may still hand hooks to this level.
+    fn alive(&self) -> bool {
+        self.inbox.as_ref().is_none_or(|inbox| {
+            let st = inbox.lock();
+            !st.closed && !st.dead.contains(&self.serial)
+        })
+    }
+}
+
+struct Registry {
+    open: Vec<Entry>,
+    local: LocalBuffer,
+}
+
+/// Hooks deferred to local levels, in registration order, until their connection's next
+/// operation on this thread. Stored as runs of hooks for one level, so the usual drain (one run,
+/// for the connection's innermost level) is a single move of the whole buffer.
+struct LocalBuffer {
+    /// `(connection, level serial, end)`: `hooks[previous run's end..end]` belong to that level.
+    runs: Vec<(ConnectionId, u64, usize)>,
+    hooks: Vec<Hook>,
+    /// A pre-commit hook (`defer_durable!`) is among `hooks`.
+    has_before: bool,
+}
+
+impl LocalBuffer {
+    #[inline]
+    fn push(&mut self, conn: ConnectionId, serial: u64, hook: Hook, pre_commit: bool) {
+        self.has_before |= pre_commit;
+        self.hooks.push(hook);
+        let end = self.hooks.len();
+        match self.runs.last_mut() {
+            Some((c, s, e)) if *c == conn && *s == serial => *e = end,
+            _ => self.runs.push((conn, serial, end)),
+        }
+        LOCAL_WAITING.set(true);
+    }
+
+    /// Moves `conn`'s hooks into `stack` (those whose level is gone into `stranded`).
+    fn take(&mut self, conn: ConnectionId, stack: &mut HookStack, stranded: &mut Vec<Hook>) {
+        match self.runs[..] {
+            [(c, serial, _)] if c == conn && serial == stack.innermost_serial() => {
+                // The common case: every waiting hook is for this connection's innermost level.
+                // The buffer keeps its capacity for the next `defer`s.
+                stack.append(&mut self.hooks, self.has_before);
+                self.runs.clear();
+            }
+            _ => {
+                // Several levels or connections: place this connection's hooks one by one and
+                // keep the others, in order.
+                let runs = std::mem::take(&mut self.runs);
+                let mut hooks = std::mem::take(&mut self.hooks).into_iter();
+                let mut start = 0;
+                for (c, serial, end) in runs {
+                    for hook in hooks.by_ref().take(end - start) {
+                        if c != conn {
+                            self.hooks.push(hook);
+                        } else if let Err(hook) = stack.push_to(serial, hook) {
+                            stranded.push(hook);
+                        }
+                    }
+                    if c != conn {
+                        self.runs.push((c, serial, self.hooks.len()));
+                    }
+                    start = end;
+                }
+            }
+        }
+        if self.runs.is_empty() {
+            self.has_before = false;
+        }
+        LOCAL_WAITING.set(!self.runs.is_empty());
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // Unreachable while the closures that own the local levels are still on this thread's
+        // stack; kept so a hook could never vanish without a trace.
+        if !self.local.hooks.is_empty() {
+            crate::hooks::settle_all(
+                self.local.hooks.drain(..),
+                crate::Outcome::Unknown,
+                None,
+                "its thread exited before its transaction ended",
+            );
+        }
+    }
 }
 
 thread_local! {
-    static OPEN: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
+    static REGISTRY: RefCell<Registry> = const {
+        RefCell::new(Registry {
+            open: Vec::new(),
+            local: LocalBuffer {
+                runs: Vec::new(),
+                hooks: Vec::new(),
+                has_before: false,
+            },
+        })
+    };
+    /// Whether this thread's buffer may hold deferred hooks: the one load every connection
+    /// operation pays for local `defer`s (no destructor, so no liveness check either).
+    static LOCAL_WAITING: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Records that `conn` opened level `serial` on this thread.
+/// Whether hooks deferred on this thread may be waiting for their connection.
 #[inline]
-pub(crate) fn enter(conn: ConnectionId, serial: u64, inbox: &Arc<Inbox>) {
+pub(crate) fn local_waiting() -> bool {
+    LOCAL_WAITING.with(Cell::get)
+}
+
+/// Records that `conn` opened level `serial` on this thread: a local level when `inbox` is
+/// `None`, a shared one otherwise.
+#[inline(always)]
+pub(crate) fn enter(conn: ConnectionId, serial: u64, inbox: Option<&Arc<Inbox>>) {
     // During thread teardown (a connection used from a thread-local destructor) the registry
     // is gone: `defer` on this thread then runs hooks at once, which is all it could do.
-    let _ = OPEN.try_with(|open| {
-        open.borrow_mut().push(Entry {
+    let _ = REGISTRY.try_with(|reg| {
+        reg.borrow_mut().open.push(Entry {
             conn,
             serial,
-            inbox: Arc::clone(inbox),
+            inbox: inbox.cloned(),
         })
     });
 }
 
-/// Records that `conn`'s level `serial` closed.
-#[inline]
-pub(crate) fn leave(conn: ConnectionId, serial: u64, inbox: &Inbox) {
-    let found = OPEN
-        .try_with(|open| {
-            let mut open = open.borrow_mut();
+/// Records that `conn`'s level `serial` closed. Returns whether this thread had it open.
+#[inline(always)]
+pub(crate) fn leave(conn: ConnectionId, serial: u64, inbox: &Inbox) -> bool {
+    let popped = REGISTRY
+        .try_with(|reg| {
+            let open = &mut reg.borrow_mut().open;
+            // The innermost entry is the one closing, unless levels were entered out of order
+            // (nested connections closed out of order, a level opened on another thread).
+            match open.last() {
+                Some(e) if e.conn == conn && e.serial == serial => open.pop().is_some(),
+                _ => false,
+            }
+        })
+        .unwrap_or(false);
+    popped || leave_slow(conn, serial, inbox)
+}
+
+#[cold]
+fn leave_slow(conn: ConnectionId, serial: u64, inbox: &Inbox) -> bool {
+    let found = REGISTRY
+        .try_with(|reg| {
+            let open = &mut reg.borrow_mut().open;
             match open
                 .iter()
                 .rposition(|e| e.conn == conn && e.serial == serial)
             {
-                Some(i) if i + 1 == open.len() => {
-                    open.pop();
-                    true
-                }
                 Some(i) => {
                     open.remove(i);
                     true
@@ -135,22 +271,75 @@ pub(crate) fn leave(conn: ConnectionId, serial: u64, inbox: &Inbox) {
         // Opened on another thread: the entry there is stale from now on.
         inbox.mark_dead(serial);
     }
+    found
+}
+
+/// Removes this thread's entry for `conn`'s level `serial`, if any (a level that ended on
+/// another thread while its closure ran here).
+pub(crate) fn forget(conn: ConnectionId, serial: u64) {
+    let _ = REGISTRY.try_with(|reg| {
+        reg.borrow_mut()
+            .open
+            .retain(|e| !(e.conn == conn && e.serial == serial))
+    });
+}
+
+/// Moves the hooks deferred on this thread to `conn`'s local levels into `stack`, in
+/// registration order; those whose level has ended go to `stranded`.
+pub(crate) fn take_local(conn: ConnectionId, stack: &mut HookStack, stranded: &mut Vec<Hook>) {
+    let _ = REGISTRY.try_with(|reg| reg.borrow_mut().local.take(conn, stack, stranded));
 }
 
 /// Hands `hook` to the innermost transaction open on this thread; gives it back when there is
-/// none.
-pub(crate) fn offer(hook: Hook) -> Result<ConnectionId, Hook> {
+/// none. `pre_commit`: the hook runs before COMMIT (`defer_durable!`).
+#[inline]
+pub(crate) fn offer(hook: Hook, pre_commit: bool) -> Result<ConnectionId, Hook> {
     let mut slot = Some(hook);
-    let placed = OPEN.try_with(|open| {
-        let mut hook = slot.take().expect("taken once");
-        let mut open = open.borrow_mut();
-        while let Some(top) = open.last() {
-            match top.inbox.offer(top.serial, hook) {
-                Ok(()) => return Ok(top.conn),
-                Err(back) => {
-                    hook = back;
-                    open.pop();
+    let placed = REGISTRY.try_with(|reg| {
+        let reg = &mut *reg.borrow_mut();
+        match reg.open.last() {
+            Some(&Entry {
+                conn,
+                serial,
+                inbox: None,
+            }) => {
+                // The common case, a local level: no lock.
+                if let Some(hook) = slot.take() {
+                    reg.local.push(conn, serial, hook, pre_commit);
                 }
+                Some(conn)
+            }
+            _ => None,
+        }
+    });
+    match (placed, slot) {
+        (Ok(Some(conn)), None) => Ok(conn),
+        (_, Some(hook)) => offer_shared(hook, pre_commit),
+        (_, None) => unreachable!("a hook is taken only when placed"),
+    }
+}
+
+/// `offer` when the innermost level is shared (or stale), or there is none.
+#[cold]
+fn offer_shared(hook: Hook, pre_commit: bool) -> Result<ConnectionId, Hook> {
+    let mut slot = Some(hook);
+    let placed = REGISTRY.try_with(|reg| {
+        let mut hook = slot.take().expect("taken once");
+        let reg = &mut *reg.borrow_mut();
+        while let Some(top) = reg.open.last() {
+            match &top.inbox {
+                None => {
+                    let conn = top.conn;
+                    reg.local.push(conn, top.serial, hook, pre_commit);
+                    return Ok(conn);
+                }
+                Some(inbox) => match inbox.offer(top.serial, hook) {
+                    Ok(()) => return Ok(top.conn),
+                    Err(back) => {
+                        hook = back;
+                        reg.open.pop();
+                    }
+                },
             }
         }
         Err(hook)
@@ -182,18 +371,16 @@ pub(crate) fn offer(hook: Hook) -> Result<ConnectionId, Hook> {
 /// # }
 /// ```
 pub fn in_transaction() -> bool {
-    OPEN.try_with(|open| {
-        let mut open = open.borrow_mut();
-        while let Some(top) = open.last() {
-            let st = top.inbox.lock();
-            if st.closed || st.dead.contains(&top.serial) {
-                drop(st);
+    REGISTRY
+        .try_with(|reg| {
+            let open = &mut reg.borrow_mut().open;
+            while let Some(top) = open.last() {
+                if top.alive() {
+                    return true;
+                }
                 open.pop();
-            } else {
-                return true;
             }
-        }
-        false
-    })
-    .unwrap_or(false)
+            false
+        })
+        .unwrap_or(false)
 }

@@ -69,7 +69,7 @@ use crate::{ConnectionId, HookKind, Outcome};
 /// });
 /// # drop(guard);
 /// ```
-pub static PRE_COMMIT: Signal<Result<(), Veto>> = Signal::new("PRE_COMMIT");
+pub static PRE_COMMIT: Signal<Result<(), Veto>> = Signal::builtin("PRE_COMMIT");
 
 /// Sent after every successful outermost COMMIT, once the commit hooks have run.
 ///
@@ -78,7 +78,7 @@ pub static PRE_COMMIT: Signal<Result<(), Veto>> = Signal::new("PRE_COMMIT");
 /// let id = POST_COMMIT.connect(|event| log::info!("committed in {:?}", event.duration()));
 /// assert!(POST_COMMIT.disconnect(id));
 /// ```
-pub static POST_COMMIT: Signal<()> = Signal::new("POST_COMMIT");
+pub static POST_COMMIT: Signal<()> = Signal::builtin("POST_COMMIT");
 
 /// Sent after every outermost rollback (including a failed or vetoed COMMIT, a panic, a dropped
 /// connection), once the rollback hooks have run.
@@ -88,7 +88,7 @@ pub static POST_COMMIT: Signal<()> = Signal::new("POST_COMMIT");
 /// let id = POST_ROLLBACK.connect(|event| log::warn!("rolled back on {}", event.connection()));
 /// assert!(POST_ROLLBACK.disconnect(id));
 /// ```
-pub static POST_ROLLBACK: Signal<()> = Signal::new("POST_ROLLBACK");
+pub static POST_ROLLBACK: Signal<()> = Signal::builtin("POST_ROLLBACK");
 
 /// Sent at the end of every outermost transaction with its [`Outcome`], after `POST_COMMIT`
 /// or `POST_ROLLBACK`; the only signal sent when the outcome is `Unknown`.
@@ -98,7 +98,7 @@ pub static POST_ROLLBACK: Signal<()> = Signal::new("POST_ROLLBACK");
 /// let id = POST_COMPLETE.connect(|event| println!("{:?}", event.outcome()));
 /// assert!(POST_COMPLETE.disconnect(id));
 /// ```
-pub static POST_COMPLETE: Signal<()> = Signal::new("POST_COMPLETE");
+pub static POST_COMPLETE: Signal<()> = Signal::builtin("POST_COMPLETE");
 
 type Receiver<Out> = Arc<dyn Fn(&TransactionEvent) -> Out + Send + Sync + 'static>;
 
@@ -122,6 +122,8 @@ type Entry<Out> = (ReceiverId, &'static Location<'static>, Receiver<Out>);
 pub struct Signal<Out: 'static> {
     name: &'static str,
     count: AtomicUsize,
+    /// [`BUILTIN_RECEIVERS`] for the crate's own signals, which every transaction asks about.
+    tally: Option<&'static AtomicUsize>,
     receivers: RwLock<Option<Arc<[Entry<Out>]>>>,
 }
 
@@ -159,6 +161,17 @@ impl<Out: 'static> Signal<Out> {
         Signal {
             name,
             count: AtomicUsize::new(0),
+            tally: None,
+            receivers: RwLock::new(None),
+        }
+    }
+
+    /// One of the crate's signals: its receivers also count in [`BUILTIN_RECEIVERS`].
+    const fn builtin(name: &'static str) -> Self {
+        Signal {
+            name,
+            count: AtomicUsize::new(0),
+            tally: Some(&BUILTIN_RECEIVERS),
             receivers: RwLock::new(None),
         }
     }
@@ -182,6 +195,9 @@ impl<Out: 'static> Signal<Out> {
         all.push((id, Location::caller(), Arc::new(receiver)));
         *slot = Some(all.into());
         self.count.fetch_add(1, Ordering::Release);
+        if let Some(tally) = self.tally {
+            tally.fetch_add(1, Ordering::Release);
+        }
         id
     }
 
@@ -233,6 +249,9 @@ impl<Out: 'static> Signal<Out> {
             Some(rest.into())
         };
         self.count.fetch_sub(1, Ordering::Release);
+        if let Some(tally) = self.tally {
+            tally.fetch_sub(1, Ordering::Release);
+        }
         true
     }
 
@@ -555,16 +574,22 @@ impl fmt::Display for Veto {
 
 impl std::error::Error for Veto {}
 
-/// Whether any signal has a receiver (an event will be built for this transaction).
+/// Receivers connected to the crate's four signals, together: what a transaction with none
+/// pays to learn it is one load.
+static BUILTIN_RECEIVERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether any of the crate's signals has a receiver (an event will be built for this
+/// transaction).
 #[inline]
 pub(crate) fn any_receivers() -> bool {
-    PRE_COMMIT.is_active() || any_post_receivers()
+    BUILTIN_RECEIVERS.load(Ordering::Relaxed) != 0
 }
 
-/// Whether any end-of-transaction signal has a receiver.
+/// Whether an end-of-transaction signal may have a receiver (a `PRE_COMMIT` receiver alone
+/// also says yes: the sends then find nobody, which costs only while receivers exist).
 #[inline]
 pub(crate) fn any_post_receivers() -> bool {
-    POST_COMMIT.is_active() || POST_ROLLBACK.is_active() || POST_COMPLETE.is_active()
+    any_receivers()
 }
 
 /// Sends the end-of-transaction signals for `event`.

@@ -421,7 +421,7 @@ macro_rules! defer_durable {
 pub fn defer_durable_here(job: Result<DurableJob, OutboxError>) -> Result<(), OutboxError> {
     let job = job?;
     let hook = crate::hooks::Hook::durable(job.row, std::panic::Location::caller());
-    crate::registry::offer(hook)
+    crate::registry::offer(hook, true)
         .map(drop)
         .map_err(|_| OutboxError::NoTransaction)
 }
