@@ -17,7 +17,7 @@ use diesel::query_builder::{Query, QueryFragment, QueryId};
 use diesel::result::{ConnectionResult, Error, QueryResult};
 use diesel::sql_types::TypeMetadata;
 
-use crate::hooks::{settle_all, Hook, HookStack, Label, Settled};
+use crate::hooks::{settle_all, Hook, HookStack, Label, Level, Settled};
 use crate::manager::{InnerState, SignalTransactionManager};
 use crate::registry::{self, Inbox};
 use crate::signals::{self, TransactionEvent};
@@ -132,6 +132,10 @@ pub(crate) struct State {
     pub(crate) totals: Settled,
     /// The buffer swapped with the inbox's when `defer`red hooks are moved in (kept empty).
     deferred: Vec<(u64, Hook)>,
+    /// Local levels that closed where their thread's registry could not see it (another
+    /// thread, or out of order), with their fate (`None`: released into the enclosing level),
+    /// for the hooks that thread may still hold for them. Cleared when a transaction begins.
+    ended_elsewhere: Vec<(u64, Option<Outcome>)>,
 }
 
 impl State {
@@ -148,6 +152,7 @@ impl State {
             opened_at: None,
             totals: Settled::default(),
             deferred: Vec::new(),
+            ended_elsewhere: Vec::new(),
         }
     }
 
@@ -168,14 +173,36 @@ impl State {
     fn take_local(&mut self) {
         let mut stranded = Vec::new();
         registry::take_local(self.label.id, &mut self.stack, &mut stranded);
-        if !stranded.is_empty() {
-            settle_all(
-                stranded.into_iter(),
-                Outcome::Unknown,
-                Some(&self.label),
-                "it was deferred to a transaction level that another thread ended",
-            );
+        for (serial, hook) in stranded {
+            self.settle_stranded(serial, hook);
         }
+    }
+
+    /// Settles a hook this thread deferred to a local level that has ended elsewhere (another
+    /// thread, or out of order): with that level's fate when the connection saw it end,
+    /// else as `Unknown`.
+    #[cold]
+    fn settle_stranded(&mut self, serial: u64, hook: Hook) {
+        let fate = self
+            .ended_elsewhere
+            .iter()
+            .find(|(s, _)| *s == serial)
+            .map(|(_, fate)| *fate);
+        let (outcome, why) = match fate {
+            // Released into the enclosing level: the hook goes on waiting there.
+            Some(None) if self.stack.depth() > 0 => {
+                if let Err(hook) = self.stack.push_to(self.stack.innermost_serial(), hook) {
+                    self.settle_stranded(0, hook);
+                }
+                return;
+            }
+            Some(Some(outcome)) => (outcome, "its transaction level ended on another thread"),
+            _ => (
+                Outcome::Unknown,
+                "it was deferred to a transaction level that ended where its thread could not see",
+            ),
+        };
+        settle_all(std::iter::once(hook), outcome, Some(&self.label), why);
     }
 
     #[cold]
@@ -202,17 +229,37 @@ impl State {
     }
 
     /// Opens a level: `local` when it was opened by a closure running on this thread (see
-    /// [`registry`]).
+    /// [`registry`]). Returns its serial and registry slot.
     #[inline(always)]
-    pub(crate) fn open_level(&mut self, local: bool) {
+    pub(crate) fn open_level(&mut self, local: bool) -> (u64, registry::Slot) {
         if self.stack.depth() == 0 {
             // Read the clock only for signal receivers: `Instant::now` is the costliest step of
             // a hook-free transaction (a serialising `rdtscp`, ~40 ns in a VM).
             self.opened_at = signals::any_receivers().then(Instant::now);
             self.totals = Settled::default();
+            if !self.ended_elsewhere.is_empty() {
+                self.ended_elsewhere.clear();
+            }
         }
-        let serial = self.stack.open();
-        registry::enter(self.label.id, serial, (!local).then_some(&self.inbox));
+        let (id, inbox) = (self.label.id, &self.inbox);
+        self.stack
+            .open(|serial| registry::enter(id, serial, (!local).then_some(inbox)))
+    }
+
+    /// Undoes `level`'s registry entry. A local level that its thread's registry did not see
+    /// close is remembered with its `fate` (see `ended_elsewhere`).
+    #[inline(always)]
+    fn leave(&mut self, level: Level, fate: Option<Outcome>) {
+        if !registry::leave(self.label.id, level.serial, level.slot, &self.inbox) {
+            self.ended_elsewhere(level, fate);
+        }
+    }
+
+    #[cold]
+    fn ended_elsewhere(&mut self, level: Level, fate: Option<Outcome>) {
+        if matches!(level.slot, registry::Slot::Local { .. }) {
+            self.ended_elsewhere.push((level.serial, fate));
+        }
     }
 
     /// Closes the innermost level after its savepoint was released.
@@ -220,7 +267,7 @@ impl State {
     pub(crate) fn release_level(&mut self) {
         self.drain_inbox();
         if let Some(level) = self.stack.release() {
-            registry::leave(self.label.id, level.serial, &self.inbox);
+            self.leave(level, None);
         }
     }
 
@@ -253,7 +300,7 @@ impl State {
         let Some(level) = self.stack.release() else {
             return false;
         };
-        registry::leave(self.label.id, level.serial, &self.inbox);
+        self.leave(level, Some(outcome));
         let depth = self.stack.depth();
         log::trace!(
             target: "diesel_transaction_signals",
@@ -289,13 +336,18 @@ impl State {
             stack,
             inbox,
             label,
+            ended_elsewhere,
             ..
         } = self;
         let Some((levels, hooks)) = stack.close_above(keep) else {
             return Settled::default();
         };
         for level in levels.rev() {
-            registry::leave(label.id, level.serial, inbox);
+            if !registry::leave(label.id, level.serial, level.slot, inbox)
+                && matches!(level.slot, registry::Slot::Local { .. })
+            {
+                ended_elsewhere.push((level.serial, Some(outcome)));
+            }
         }
         log::trace!(
             target: "diesel_transaction_signals",
@@ -332,7 +384,12 @@ impl State {
     fn discard_all(&mut self, why: &str) {
         self.drain_inbox();
         while let Some((level, hooks)) = self.stack.close() {
-            registry::leave(self.label.id, level.serial, &self.inbox);
+            if !registry::leave(self.label.id, level.serial, level.slot, &self.inbox)
+                && matches!(level.slot, registry::Slot::Local { .. })
+            {
+                self.ended_elsewhere
+                    .push((level.serial, Some(Outcome::RolledBack)));
+            }
             for hook in hooks {
                 log::debug!(
                     target: "diesel_transaction_signals",

@@ -673,6 +673,8 @@ pub(crate) struct Level {
     pub(crate) start: usize,
     /// Unique (per connection) serial number, so `defer!` can name a level without a reference.
     pub(crate) serial: u64,
+    /// Its place in the thread registry, to undo when it closes.
+    pub(crate) slot: crate::registry::Slot,
 }
 
 /// The pending hooks and open levels of one connection.
@@ -686,16 +688,21 @@ pub(crate) struct HookStack {
 }
 
 impl HookStack {
-    /// Opens a level and returns its serial.
-    #[inline]
-    pub(crate) fn open(&mut self) -> u64 {
+    /// Opens a level (`enter` registers it with its serial) and returns its serial and slot.
+    #[inline(always)]
+    pub(crate) fn open(
+        &mut self,
+        enter: impl FnOnce(u64) -> crate::registry::Slot,
+    ) -> (u64, crate::registry::Slot) {
         self.next_serial += 1;
         let serial = self.next_serial;
+        let slot = enter(serial);
         self.levels.push(Level {
             start: self.hooks.len(),
             serial,
+            slot,
         });
-        serial
+        (serial, slot)
     }
 
     /// Whether the innermost open level holds no hook (true with no level open).

@@ -159,7 +159,7 @@ impl<C: Connection + 'static> TransactionManager<SignalConnection<C>>
     fn begin_transaction(conn: &mut SignalConnection<C>) -> QueryResult<()> {
         conn.sync();
         C::TransactionManager::begin_transaction(&mut conn.inner)?;
-        conn.state.open_level(false);
+        let _ = conn.state.open_level(false);
         Ok(())
     }
 
@@ -365,9 +365,8 @@ where
 {
     conn.sync();
     begin(&mut conn.inner)?;
-    conn.state.open_level(true);
+    let (serial, slot) = conn.state.open_level(true);
     let depth = conn.state.stack.depth();
-    let serial = conn.state.stack.innermost_serial();
     let mut guard = scopeguard::guard_on_unwind(conn, move |conn| {
         // A failure is logged in `rollback_to`; the panic is what the caller sees.
         let _ = conn.rollback_to(depth, "the transaction closure panicked");
@@ -380,7 +379,7 @@ where
         // connection broke inside it and every level settled as rolled back. If another
         // thread ended it, this thread still has its entry (and maybe hooks deferred to it):
         // drop the one, settle the others.
-        registry::forget(conn.state.label.id, serial);
+        registry::forget(conn.state.label.id, serial, slot);
         conn.state.drain_inbox();
         // Never report success for a broken connection.
         return match result {

@@ -98,20 +98,35 @@ impl Inbox {
     }
 }
 
+/// A local level as this thread's registry knows it: its connection and serial.
+pub(crate) type LocalLevel = (ConnectionId, u64);
+
+/// Where a level sits in the registry of the thread that opened it; the connection keeps it
+/// with the level, to undo it when the level closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot {
+    /// A local level, now or once the innermost local level of its thread; `below` is the one
+    /// it hid, restored when it closes.
+    Local { below: Option<LocalLevel> },
+    /// A shared level: an [`Entry`] in its thread's list.
+    Shared,
+}
+
+/// A shared level (see the module docs).
 struct Entry {
     conn: ConnectionId,
     serial: u64,
-    /// `None` for a local level, the connection's inbox for a shared one (see the module docs).
-    inbox: Option<Arc<Inbox>>,
+    inbox: Arc<Inbox>,
+    /// The innermost local level when this one was entered: while it still is, this entry is
+    /// the innermost level of the thread.
+    below: Option<LocalLevel>,
 }
 
 impl Entry {
     /// Whether `defer` may still hand hooks to this level.
     fn alive(&self) -> bool {
-        self.inbox.as_ref().is_none_or(|inbox| {
-            let st = inbox.lock();
-            !st.closed && !st.dead.contains(&self.serial)
-        })
+        let st = self.inbox.lock();
+        !st.closed && !st.dead.contains(&self.serial)
     }
 }
 
@@ -141,11 +156,11 @@ impl LocalBuffer {
             Some((c, s, e)) if *c == conn && *s == serial => *e = end,
             _ => self.runs.push((conn, serial, end)),
         }
-        LOCAL_WAITING.set(true);
+        LOCAL_WAITING.with(|cell| cell.set(true));
     }
 
     /// Moves `conn`'s hooks into `stack` (those whose level is gone into `stranded`).
-    fn take(&mut self, conn: ConnectionId, stack: &mut HookStack, stranded: &mut Vec<Hook>) {
+    fn take(&mut self, conn: ConnectionId, stack: &mut HookStack, stranded: &mut Vec<(u64, Hook)>) {
         match self.runs[..] {
             [(c, serial, _)] if c == conn && serial == stack.innermost_serial() => {
                 // The common case: every waiting hook is for this connection's innermost level.
@@ -164,7 +179,7 @@ impl LocalBuffer {
                         if c != conn {
                             self.hooks.push(hook);
                         } else if let Err(hook) = stack.push_to(serial, hook) {
-                            stranded.push(hook);
+                            stranded.push((serial, hook));
                         }
                     }
                     if c != conn {
@@ -177,7 +192,7 @@ impl LocalBuffer {
         if self.runs.is_empty() {
             self.has_before = false;
         }
-        LOCAL_WAITING.set(!self.runs.is_empty());
+        LOCAL_WAITING.with(|cell| cell.set(!self.runs.is_empty()));
     }
 }
 
@@ -210,6 +225,10 @@ thread_local! {
     /// Whether this thread's buffer may hold deferred hooks: the one load every connection
     /// operation pays for local `defer`s (no destructor, so no liveness check either).
     static LOCAL_WAITING: Cell<bool> = const { Cell::new(false) };
+    /// The innermost local level open on this thread. The levels below it are chained through
+    /// their connections' [`Slot`]s, so opening and closing a local level is a swap of this cell
+    /// and nothing else.
+    static LOCAL_TOP: Cell<Option<LocalLevel>> = const { Cell::new(None) };
 }
 
 /// Whether hooks deferred on this thread may be waiting for their connection.
@@ -219,39 +238,54 @@ pub(crate) fn local_waiting() -> bool {
 }
 
 /// Records that `conn` opened level `serial` on this thread: a local level when `inbox` is
-/// `None`, a shared one otherwise.
+/// `None`, a shared one otherwise. Returns what [`leave`] needs to undo it.
 #[inline(always)]
-pub(crate) fn enter(conn: ConnectionId, serial: u64, inbox: Option<&Arc<Inbox>>) {
-    // During thread teardown (a connection used from a thread-local destructor) the registry
-    // is gone: `defer` on this thread then runs hooks at once, which is all it could do.
+pub(crate) fn enter(conn: ConnectionId, serial: u64, inbox: Option<&Arc<Inbox>>) -> Slot {
+    match inbox {
+        None => Slot::Local {
+            below: LOCAL_TOP.with(|top| top.replace(Some((conn, serial)))),
+        },
+        Some(inbox) => enter_shared(conn, serial, inbox),
+    }
+}
+
+#[cold]
+fn enter_shared(conn: ConnectionId, serial: u64, inbox: &Arc<Inbox>) -> Slot {
+    // During thread teardown (a connection used from a thread-local destructor) the list is
+    // gone: `defer` on this thread then runs hooks at once, which is all it could do.
     let _ = REGISTRY.try_with(|reg| {
         reg.borrow_mut().open.push(Entry {
             conn,
             serial,
-            inbox: inbox.cloned(),
+            inbox: Arc::clone(inbox),
+            below: LOCAL_TOP.get(),
         })
     });
+    Slot::Shared
 }
 
-/// Records that `conn`'s level `serial` closed. Returns whether this thread had it open.
+/// Records that `conn`'s level `serial`, entered as `slot`, closed. Returns whether this thread
+/// had it as its innermost level (or, for a shared level, anywhere in its list).
 #[inline(always)]
-pub(crate) fn leave(conn: ConnectionId, serial: u64, inbox: &Inbox) -> bool {
-    let popped = REGISTRY
-        .try_with(|reg| {
-            let open = &mut reg.borrow_mut().open;
-            // The innermost entry is the one closing, unless levels were entered out of order
-            // (nested connections closed out of order, a level opened on another thread).
-            match open.last() {
-                Some(e) if e.conn == conn && e.serial == serial => open.pop().is_some(),
-                _ => false,
+pub(crate) fn leave(conn: ConnectionId, serial: u64, slot: Slot, inbox: &Inbox) -> bool {
+    match slot {
+        Slot::Local { below } => {
+            let top = LOCAL_TOP.get();
+            if top == Some((conn, serial)) {
+                LOCAL_TOP.with(|cell| cell.set(below));
+                true
+            } else {
+                // Closed on another thread, or out of order (raw manager calls): the closure
+                // that opened it restores its thread's top when it returns (`forget`).
+                false
             }
-        })
-        .unwrap_or(false);
-    popped || leave_slow(conn, serial, inbox)
+        }
+        Slot::Shared => leave_shared(conn, serial, inbox),
+    }
 }
 
 #[cold]
-fn leave_slow(conn: ConnectionId, serial: u64, inbox: &Inbox) -> bool {
+fn leave_shared(conn: ConnectionId, serial: u64, inbox: &Inbox) -> bool {
     let found = REGISTRY
         .try_with(|reg| {
             let open = &mut reg.borrow_mut().open;
@@ -274,19 +308,23 @@ fn leave_slow(conn: ConnectionId, serial: u64, inbox: &Inbox) -> bool {
     found
 }
 
-/// Removes this thread's entry for `conn`'s level `serial`, if any (a level that ended on
-/// another thread while its closure ran here).
-pub(crate) fn forget(conn: ConnectionId, serial: u64) {
-    let _ = REGISTRY.try_with(|reg| {
-        reg.borrow_mut()
-            .open
-            .retain(|e| !(e.conn == conn && e.serial == serial))
-    });
+/// Called by the closure that opened local level `serial` of `conn` as `slot`, when it returns
+/// after the level ended elsewhere: restores this thread's innermost local level.
+pub(crate) fn forget(conn: ConnectionId, serial: u64, slot: Slot) {
+    if let Slot::Local { below } = slot {
+        if LOCAL_TOP.get() == Some((conn, serial)) {
+            LOCAL_TOP.with(|cell| cell.set(below));
+        }
+    }
 }
 
 /// Moves the hooks deferred on this thread to `conn`'s local levels into `stack`, in
-/// registration order; those whose level has ended go to `stranded`.
-pub(crate) fn take_local(conn: ConnectionId, stack: &mut HookStack, stranded: &mut Vec<Hook>) {
+/// registration order; those whose level has ended go to `stranded`, with its serial.
+pub(crate) fn take_local(
+    conn: ConnectionId,
+    stack: &mut HookStack,
+    stranded: &mut Vec<(u64, Hook)>,
+) {
     let _ = REGISTRY.try_with(|reg| reg.borrow_mut().local.take(conn, stack, stranded));
 }
 
@@ -297,13 +335,10 @@ pub(crate) fn offer(hook: Hook, pre_commit: bool) -> Result<ConnectionId, Hook> 
     let mut slot = Some(hook);
     let placed = REGISTRY.try_with(|reg| {
         let reg = &mut *reg.borrow_mut();
-        match reg.open.last() {
-            Some(&Entry {
-                conn,
-                serial,
-                inbox: None,
-            }) => {
-                // The common case, a local level: no lock.
+        let top = LOCAL_TOP.get();
+        match (top, reg.open.last()) {
+            // The common case, a local level above any shared one: no lock.
+            (Some((conn, serial)), last) if last.is_none_or(|e| e.below != top) => {
                 if let Some(hook) = slot.take() {
                     reg.local.push(conn, serial, hook, pre_commit);
                 }
@@ -319,30 +354,33 @@ pub(crate) fn offer(hook: Hook, pre_commit: bool) -> Result<ConnectionId, Hook> 
     }
 }
 
-/// `offer` when the innermost level is shared (or stale), or there is none.
+/// `offer` when a shared level is the innermost (or there is none): skips and drops stale
+/// shared entries on the way down.
 #[cold]
 fn offer_shared(hook: Hook, pre_commit: bool) -> Result<ConnectionId, Hook> {
     let mut slot = Some(hook);
     let placed = REGISTRY.try_with(|reg| {
         let mut hook = slot.take().expect("taken once");
         let reg = &mut *reg.borrow_mut();
-        while let Some(top) = reg.open.last() {
-            match &top.inbox {
-                None => {
-                    let conn = top.conn;
-                    reg.local.push(conn, top.serial, hook, pre_commit);
+        loop {
+            let top = LOCAL_TOP.get();
+            match (top, reg.open.last()) {
+                (_, Some(e)) if top.is_none() || e.below == top => {
+                    match e.inbox.offer(e.serial, hook) {
+                        Ok(()) => return Ok(e.conn),
+                        Err(back) => {
+                            hook = back;
+                            reg.open.pop();
+                        }
+                    }
+                }
+                (Some((conn, serial)), _) => {
+                    reg.local.push(conn, serial, hook, pre_commit);
                     return Ok(conn);
                 }
-                Some(inbox) => match inbox.offer(top.serial, hook) {
-                    Ok(()) => return Ok(top.conn),
-                    Err(back) => {
-                        hook = back;
-                        reg.open.pop();
-                    }
-                },
+                (None, _) => return Err(hook),
             }
         }
-        Err(hook)
     });
     match placed {
         Ok(result) => result,
@@ -371,16 +409,17 @@ fn offer_shared(hook: Hook, pre_commit: bool) -> Result<ConnectionId, Hook> {
 /// # }
 /// ```
 pub fn in_transaction() -> bool {
-    REGISTRY
-        .try_with(|reg| {
-            let open = &mut reg.borrow_mut().open;
-            while let Some(top) = open.last() {
-                if top.alive() {
-                    return true;
+    LOCAL_TOP.get().is_some()
+        || REGISTRY
+            .try_with(|reg| {
+                let open = &mut reg.borrow_mut().open;
+                while let Some(top) = open.last() {
+                    if top.alive() {
+                        return true;
+                    }
+                    open.pop();
                 }
-                open.pop();
-            }
-            false
-        })
-        .unwrap_or(false)
+                false
+            })
+            .unwrap_or(false)
 }

@@ -501,6 +501,86 @@ macro_rules! semantic_suite {
                 assert_eq!(rec.take(), ["deferred in savepoint on scoped thread"]);
             }
 
+            #[test]
+            fn s10d_defers_to_nested_connections_wait_apart_in_order() {
+                let mut a = connect();
+                let mut b = connect();
+                let rec = Recorder::new();
+                a.transaction(|a| {
+                    defer(rec.hook("a1"));
+                    b.transaction(|_| {
+                        // a1 still waits on this thread, for a; b1 is b's.
+                        defer(rec.hook("b1"));
+                        QueryResult::Ok(())
+                    })?;
+                    assert_eq!(rec.take(), ["b1"], "b's commit runs b's deferred hook only");
+                    let _: QueryResult<()> = b.transaction(|_| {
+                        defer(rec.hook("b2 rolled back"));
+                        Err(Error::RollbackTransaction)
+                    });
+                    defer(rec.hook("a2"));
+                    a.on_commit(rec.hook("a3"));
+                    assert!(rec.get().is_empty());
+                    QueryResult::Ok(())
+                })
+                .unwrap();
+                assert_eq!(rec.take(), ["a1", "a2", "a3"]);
+            }
+
+            #[test]
+            fn s10e_a_level_ended_on_another_thread_settles_the_hooks_deferred_here_with_its_fate() {
+                let mut conn = connect();
+                let rec = Recorder::new();
+                // Raw manager calls from a scoped thread end the closure's level behind it.
+                let result = conn.transaction(|c| {
+                    defer(rec.hook("deferred before"));
+                    std::thread::scope(|s| {
+                        s.spawn(move || Manager::commit_transaction(c).unwrap())
+                            .join()
+                            .unwrap();
+                    });
+                    defer(rec.hook("deferred after"));
+                    QueryResult::Ok(())
+                });
+                assert!(result.is_ok());
+                assert_eq!(rec.take(), ["deferred before", "deferred after"]);
+                assert!(!in_transaction(), "the thread's registry forgot the level");
+                defer(rec.hook("outside"));
+                assert_eq!(rec.take(), ["outside"]);
+
+                // A savepoint released on another thread: its deferred hooks join the
+                // enclosing level, which then rolls back.
+                let _: QueryResult<()> = conn.transaction(|c| {
+                    c.transaction(|c| {
+                        defer(rec.hook("commit hook of the released savepoint"));
+                        std::thread::scope(|s| {
+                            s.spawn(move || Manager::commit_transaction(c).unwrap())
+                                .join()
+                                .unwrap();
+                        });
+                        QueryResult::Ok(())
+                    })?;
+                    assert!(in_transaction(), "the outer level is still this thread's");
+                    defer(rec.hook("outer commit hook"));
+                    Err(Error::RollbackTransaction)
+                });
+                assert!(rec.get().is_empty(), "nothing commits: {:?}", rec.get());
+                conn.transaction(|c| {
+                    c.transaction(|c| {
+                        defer(rec.hook("released elsewhere, then committed"));
+                        std::thread::scope(|s| {
+                            s.spawn(move || Manager::commit_transaction(c).unwrap())
+                                .join()
+                                .unwrap();
+                        });
+                        QueryResult::Ok(())
+                    })
+                })
+                .unwrap();
+                assert_eq!(rec.take(), ["released elsewhere, then committed"]);
+                assert!(!in_transaction());
+            }
+
             // 11. At most once, freed after; hooks registered by running hooks.
             #[test]
             fn s11_hooks_run_once_are_freed_and_may_register_hooks() {
