@@ -85,7 +85,7 @@ impl fmt::Display for Outcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum HookKind {
-    /// Registered with `on_commit`, [`defer`](crate::defer) or [`defer!`](crate::defer!).
+    /// Registered with `on_commit`, [`defer`](fn@crate::defer) or [`defer!`](crate::defer!).
     Commit,
     /// Registered with `on_rollback`.
     Rollback,

@@ -13,7 +13,7 @@
 //!   `transaction` calls and settles hooks when a level ends.
 //! - [`on_commit`](SignalConnection::on_commit), [`on_rollback`](SignalConnection::on_rollback)
 //!   and [`on_complete`](SignalConnection::on_complete) register hooks on a connection.
-//! - [`defer`] and [`defer!`] register a commit hook on the innermost transaction open on this
+//! - [`defer`](fn@defer) and [`defer!`] register a commit hook on the innermost transaction open on this
 //!   thread, without a connection handle, as Django's `defer()` did.
 //! - [`SignalConnection::capture_hooks`] takes hooks out of a test transaction, which never
 //!   commits, so a test can run them.

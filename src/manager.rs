@@ -1,39 +1,5 @@
 //! The transaction manager of [`SignalConnection`]: Diesel's state machine, with hooks settled at
-//! each transition.
-//!
-//! # States
-//!
-//! The wrapper does not keep a transaction depth of its own: the inner connection's transaction
-//! manager is the single source of truth, and the inner connection rewrites it behind any
-//! manager's back (PostgreSQL reads libpq's status after every query, SQLite resets it after an
-//! error in autocommit). So every transition re-reads the inner status, as [`InnerState`]:
-//!
-//! | inner status | meaning |
-//! |---|---|
-//! | `Idle` | no transaction open |
-//! | `Open { depth, aborted }` | `depth` levels open (1 = `BEGIN`, more = savepoints); `aborted` when the database has aborted the transaction (PostgreSQL after an error, MySQL after a deadlock) and a COMMIT would silently become a ROLLBACK |
-//! | `Broken` | the manager is `InError` (lost connection, failed rollback): no transaction operation will run again, nothing will be committed |
-//!
-//! Beside it the wrapper keeps one [`Level`](crate::hooks::Level) of hooks per level it saw
-//! open. Before every operation [`SignalConnection::sync`] makes the two agree: levels the inner
-//! status no longer has ended behind the wrapper's back (raw `COMMIT`/`ROLLBACK` SQL, which
-//! PostgreSQL reports to Diesel; SQLite and MySQL do not) and settle
-//! as [`Outcome::Unknown`].
-//!
-//! # Transitions
-//!
-//! | operation | inner status before | SQL | hooks |
-//! |---|---|---|---|
-//! | begin | `Idle`/`Open(n)` | `BEGIN` / `SAVEPOINT` | open a level, enter it in the thread registry |
-//! | commit | `Open(n > 1)` | `RELEASE SAVEPOINT` | ok: the level's hooks join the enclosing level; error and the savepoint is gone: rollback hooks of the level run |
-//! | commit | `Open(1)`, not aborted | `COMMIT` | ok: commit and complete hooks run (`Committed`); error: rollback hooks run (`RolledBack`), or nothing but complete hooks (`Unknown`) when the connection was lost during COMMIT |
-//! | commit | `Open(1)`, aborted | `ROLLBACK` | rollback hooks run (`RolledBack`), [`TransactionAborted`](crate::TransactionAborted) is returned |
-//! | commit / rollback | `Broken` | none | every level settles `RolledBack`: nothing can commit any more |
-//! | rollback | `Open(n)` | `ROLLBACK [TO SAVEPOINT]` | the innermost level's rollback hooks run |
-//!
-//! Hooks always run after the SQL returned and after the level left the registry, so a hook
-//! holds no database lock and a hook that registers hooks never lands in the level that is
-//! ending.
+//! each transition. The states and transitions are documented on [`SignalTransactionManager`].
 
 use std::marker::PhantomData;
 
@@ -51,9 +17,45 @@ use crate::signals::{self, Veto};
 use crate::{Outcome, SignalConnection};
 
 /// The [`TransactionManager`] of [`SignalConnection<C>`]: wraps `C`'s own manager and settles
-/// hooks at every transition (see the [module docs](self) for the state machine).
+/// hooks at every transition.
 ///
 /// Users never name it; it is public because `Connection::TransactionManager` must be.
+///
+/// # States
+///
+/// The wrapper does not keep a transaction depth of its own: the inner connection's transaction
+/// manager is the single source of truth, and the inner connection rewrites it behind any
+/// manager's back (PostgreSQL reads libpq's status after every query, SQLite resets it after an
+/// error in autocommit). So every transition re-reads the inner status, as `InnerState`:
+///
+/// | inner status | meaning |
+/// |---|---|
+/// | `Idle` | no transaction open |
+/// | `Open { depth, aborted }` | `depth` levels open (1 = `BEGIN`, more = savepoints); `aborted` when the database has aborted the transaction (PostgreSQL after an error, MySQL after a deadlock) and a COMMIT would silently become a ROLLBACK |
+/// | `Broken` | the manager is `InError` (lost connection, failed rollback): no transaction operation will run again, nothing will be committed |
+///
+/// Beside it the wrapper keeps one level of hooks per transaction level it saw
+/// open. Before every operation a `sync` step makes the two agree: levels the inner
+/// status no longer has ended behind the wrapper's back (raw `COMMIT`/`ROLLBACK` SQL, which
+/// PostgreSQL reports to Diesel; SQLite and MySQL do not) and settle
+/// as [`Outcome::Unknown`].
+///
+/// # Transitions
+///
+/// | operation | inner status before | SQL | hooks |
+/// |---|---|---|---|
+/// | begin | `Idle`/`Open(n)` | `BEGIN` / `SAVEPOINT` | open a level, enter it in the thread registry (local for a `transaction` closure, shared for a bare `begin_transaction`) |
+/// | commit | `Open(n > 1)` | `RELEASE SAVEPOINT` | ok: the level's hooks join the enclosing level; error and the savepoint is gone: rollback hooks of the level run |
+/// | commit | `Open(1)`, not aborted | `COMMIT` | ok: commit and complete hooks run (`Committed`); error: rollback hooks run (`RolledBack`), or nothing but complete hooks (`Unknown`) when the connection was lost during COMMIT |
+/// | commit | `Open(1)`, aborted | `ROLLBACK` | rollback hooks run (`RolledBack`), [`TransactionAborted`](crate::TransactionAborted) is returned |
+/// | commit / rollback | `Broken` | none | every level settles `RolledBack`: nothing can commit any more |
+/// | rollback | `Open(n)` | `ROLLBACK [TO SAVEPOINT]` | the innermost level's rollback hooks run |
+/// | `transaction` closure panics | `Open(n)` | rollback to the closure's level | its rollback hooks run, then the panic continues |
+/// | connection dropped | any | (closing rolls back) | rollback hooks run; a test transaction's hooks are discarded |
+///
+/// Hooks always run after the SQL returned and after the level left the registry, so a hook
+/// holds no database lock and a hook that registers hooks never lands in the level that is
+/// ending.
 ///
 /// # Example
 ///

@@ -1,31 +1,35 @@
-//! The thread-local registry of open transaction levels, which lets [`defer`](crate::defer) find
+//! The thread-local registry of open transaction levels, which lets [`defer`](fn@crate::defer) find
 //! the innermost transaction open on this thread without a connection handle.
 //!
-//! Each thread keeps a stack of [`Entry`]s: one per transaction level opened on it, innermost
-//! last, naming the connection and the level's serial number. Where a deferred hook waits for
-//! its connection depends on how the level was opened:
+//! Every level opened on a thread is registered there, in one of two ways:
 //!
 //! - **local** (`transaction`, `build_transaction`, `immediate_transaction`...: a closure that
-//!   runs on this thread): the hook waits in this thread's buffer, with no lock and no atomic
-//!   operation. The level ends inside that closure call, on this thread, and every operation of
-//!   the connection on this thread first moves the buffer's hooks for it into its
-//!   [`HookStack`](crate::hooks::HookStack), so none is left behind;
+//!   runs on this thread): the thread's `LOCAL_TOP` cell names it, and the level it hid is kept
+//!   in the level's [`Slot`] to be restored when it closes, so entering and leaving is a swap of
+//!   one cell. Hooks deferred to it wait in this thread's [`LocalBuffer`], with no lock and no
+//!   atomic operation. The level ends inside that closure call, on this thread, and every
+//!   operation of the connection on this thread first moves the buffer's hooks for it into its
+//!   [`HookStack`], so none is left behind;
 //! - **shared** (a bare `TransactionManager::begin_transaction`, `begin_test_transaction`: the
-//!   connection may be moved to another thread before the level ends): the entry holds the
-//!   connection's [`Inbox`] (by `Arc`, so the connection stays `Send`) and the hook waits there,
-//!   behind a lock, for the connection's next operation on whatever thread.
+//!   connection may be moved to another thread before the level ends): an [`Entry`] in the
+//!   thread's list holds the connection's [`Inbox`] (by `Arc`, so the connection stays `Send`),
+//!   and hooks deferred to it wait there, behind a lock, for the connection's next operation on
+//!   whatever thread.
 //!
-//! Either way the connection places waiting hooks at its next operation (registration, begin,
-//! commit, rollback, drop) before anything else, so the order of registration is kept.
+//! The innermost level is the local top, unless a shared entry was entered above it (an entry
+//! remembers the local top it was entered over). Either way the connection places waiting hooks
+//! at its next operation (registration, begin, commit, rollback, drop) before anything else, so
+//! the order of registration is kept.
 //!
 //! Invariants:
-//! - an entry is pushed when a level opens and removed when it closes, before its hooks run;
+//! - a level is registered when it opens and unregistered when it closes, before its hooks run;
 //! - a shared level that closes on another thread than the one that opened it (a connection
 //!   moved between threads mid-transaction) is marked dead in its inbox, so the stale entry it
-//!   left behind is skipped and removed by the next `defer` on that thread; a local level that
-//!   does (raw manager calls from another thread inside the closure) has its entry removed, and
-//!   its waiting hooks settled as [`Outcome::Unknown`](crate::Outcome::Unknown), when the closure
-//!   returns;
+//!   left behind is skipped and removed by the next `defer` on that thread;
+//! - a local level that closes where its thread cannot see it (raw manager calls from another
+//!   thread inside the closure, or out of order) is remembered by its connection with its fate;
+//!   when the closure returns, its thread restores its local top ([`forget`]) and settles the
+//!   hooks it holds for the level with that fate;
 //! - a dropped connection closes its inbox; entries naming a closed inbox are skipped.
 
 use std::cell::{Cell, RefCell};
@@ -389,7 +393,7 @@ fn offer_shared(hook: Hook, pre_commit: bool) -> Result<ConnectionId, Hook> {
 }
 
 /// Whether a transaction opened through a [`SignalConnection`](crate::SignalConnection) is open
-/// on this thread, i.e. whether [`defer`](crate::defer) would wait for a COMMIT rather than run
+/// on this thread, i.e. whether [`defer`](fn@crate::defer) would wait for a COMMIT rather than run
 /// at once.
 ///
 /// # Example
