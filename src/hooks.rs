@@ -368,7 +368,8 @@ impl<T, E: fmt::Display> HookOutput for Result<T, E> {
 }
 
 /// What the pre-commit phase runs: a `before_commit` hook (type-erased: the stack does not know
-/// the connection type; `manager` downcasts it to [`Before<C>`]) or a durable row.
+/// the connection type; `manager` downcasts it to `PreCommitHook<BeforeFn<C>>`) or a durable
+/// row.
 pub(crate) enum PreCommit {
     Before(Box<dyn Any + Send + 'static>),
     #[cfg(feature = "outbox")]
@@ -439,13 +440,34 @@ where
     }
 }
 
-/// A `before_commit` hook of a `SignalConnection<C>`.
-pub(crate) struct Before<C> {
+/// A hook that runs in the pre-commit phase: a `before_commit` closure of a
+/// `SignalConnection<C>` (`T = BeforeFn<C>`) or a row handed over by `defer_durable!`
+/// (`T = NewRow`).
+pub(crate) struct PreCommitHook<T> {
     location: &'static Location<'static>,
-    pub(crate) f: crate::connection::BeforeFn<C>,
+    pub(crate) payload: T,
 }
 
-impl<C: 'static> Erased for Before<C> {
+/// What a pre-commit payload becomes when the pre-commit phase takes it.
+trait PreCommitPayload: Sized + Send + 'static {
+    fn into_pre_commit(hook: Box<PreCommitHook<Self>>) -> PreCommit;
+}
+
+impl<C: 'static> PreCommitPayload for crate::connection::BeforeFn<C> {
+    fn into_pre_commit(hook: Box<PreCommitHook<Self>>) -> PreCommit {
+        // Type-erased: the stack does not know `C`; `manager` downcasts it back.
+        PreCommit::Before(hook)
+    }
+}
+
+#[cfg(feature = "outbox")]
+impl PreCommitPayload for crate::outbox::NewRow {
+    fn into_pre_commit(hook: Box<PreCommitHook<Self>>) -> PreCommit {
+        PreCommit::Durable(hook.payload)
+    }
+}
+
+impl<T: PreCommitPayload> Erased for PreCommitHook<T> {
     fn kind(&self) -> HookKind {
         HookKind::BeforeCommit
     }
@@ -461,38 +483,7 @@ impl<C: 'static> Erased for Before<C> {
     }
 
     fn into_pre_commit(self: Box<Self>) -> Option<PreCommit> {
-        Some(PreCommit::Before(self))
-    }
-
-    fn is_pre_commit(&self) -> bool {
-        true
-    }
-}
-
-/// A row handed over by `defer_durable!`, written just before COMMIT.
-#[cfg(feature = "outbox")]
-struct Durable {
-    location: &'static Location<'static>,
-    row: crate::outbox::NewRow,
-}
-
-#[cfg(feature = "outbox")]
-impl Erased for Durable {
-    fn kind(&self) -> HookKind {
-        HookKind::BeforeCommit
-    }
-
-    fn location(&self) -> &'static Location<'static> {
-        self.location
-    }
-
-    fn settle(self: Box<Self>, _: Outcome, running: &mut Running) -> Option<Option<String>> {
-        *running = Some((HookKind::BeforeCommit, self.location));
-        None
-    }
-
-    fn into_pre_commit(self: Box<Self>) -> Option<PreCommit> {
-        Some(PreCommit::Durable(self.row))
+        Some(T::into_pre_commit(self))
     }
 
     fn is_pre_commit(&self) -> bool {
@@ -546,7 +537,10 @@ impl Hook {
         f: crate::connection::BeforeFn<C>,
         location: &'static Location<'static>,
     ) -> Self {
-        Hook(Box::new(Before { location, f }))
+        Hook(Box::new(PreCommitHook {
+            location,
+            payload: f,
+        }))
     }
 
     #[cfg(feature = "outbox")]
@@ -554,7 +548,10 @@ impl Hook {
         row: crate::outbox::NewRow,
         location: &'static Location<'static>,
     ) -> Self {
-        Hook(Box::new(Durable { location, row }))
+        Hook(Box::new(PreCommitHook {
+            location,
+            payload: row,
+        }))
     }
 
     pub(crate) fn kind(&self) -> HookKind {

@@ -10,8 +10,9 @@ use diesel::result::{DatabaseErrorKind, Error, QueryResult};
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
+use crate::connection::BeforeFn;
 use crate::error::TransactionAborted;
-use crate::hooks::{Before, PreCommit};
+use crate::hooks::{PreCommit, PreCommitHook};
 use crate::registry;
 use crate::signals::{self, Veto};
 use crate::{Outcome, SignalConnection};
@@ -439,9 +440,9 @@ impl<C: Connection + 'static> SignalConnection<C> {
                 let result = match hook.into_pre_commit() {
                     Some(PreCommit::Before(hook)) => {
                         let f = hook
-                            .downcast::<Before<C>>()
+                            .downcast::<PreCommitHook<BeforeFn<C>>>()
                             .expect("before_commit hooks are stored with their connection's type")
-                            .f;
+                            .payload;
                         catch_unwind(AssertUnwindSafe(|| f(self)))
                     }
                     #[cfg(feature = "outbox")]

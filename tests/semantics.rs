@@ -527,6 +527,15 @@ macro_rules! semantic_suite {
                 assert_eq!(rec.take(), ["a1", "a2", "a3"]);
             }
 
+            /// Ends `c`'s innermost level with a raw manager call on a scoped thread.
+            fn commit_from_another_thread(c: &mut Conn) {
+                std::thread::scope(|s| {
+                    s.spawn(move || Manager::commit_transaction(c).unwrap())
+                        .join()
+                        .unwrap();
+                });
+            }
+
             #[test]
             fn s10e_a_level_ended_on_another_thread_settles_the_hooks_deferred_here_with_its_fate() {
                 let mut conn = connect();
@@ -534,11 +543,7 @@ macro_rules! semantic_suite {
                 // Raw manager calls from a scoped thread end the closure's level behind it.
                 let result = conn.transaction(|c| {
                     defer(rec.hook("deferred before"));
-                    std::thread::scope(|s| {
-                        s.spawn(move || Manager::commit_transaction(c).unwrap())
-                            .join()
-                            .unwrap();
-                    });
+                    commit_from_another_thread(c);
                     defer(rec.hook("deferred after"));
                     QueryResult::Ok(())
                 });
@@ -553,11 +558,7 @@ macro_rules! semantic_suite {
                 let _: QueryResult<()> = conn.transaction(|c| {
                     c.transaction(|c| {
                         defer(rec.hook("commit hook of the released savepoint"));
-                        std::thread::scope(|s| {
-                            s.spawn(move || Manager::commit_transaction(c).unwrap())
-                                .join()
-                                .unwrap();
-                        });
+                        commit_from_another_thread(c);
                         QueryResult::Ok(())
                     })?;
                     assert!(in_transaction(), "the outer level is still this thread's");
@@ -568,11 +569,7 @@ macro_rules! semantic_suite {
                 conn.transaction(|c| {
                     c.transaction(|c| {
                         defer(rec.hook("released elsewhere, then committed"));
-                        std::thread::scope(|s| {
-                            s.spawn(move || Manager::commit_transaction(c).unwrap())
-                                .join()
-                                .unwrap();
-                        });
+                        commit_from_another_thread(c);
                         QueryResult::Ok(())
                     })
                 })
