@@ -246,20 +246,16 @@ impl State {
             .open(|serial| registry::enter(id, serial, (!local).then_some(inbox)))
     }
 
-    /// Undoes `level`'s registry entry. A local level that its thread's registry did not see
-    /// close is remembered with its `fate` (see `ended_elsewhere`).
+    /// Undoes `level`'s registry entry (see [`leave_level`]).
     #[inline(always)]
     fn leave(&mut self, level: Level, fate: Option<Outcome>) {
-        if !registry::leave(self.label.id, level.serial, level.slot, &self.inbox) {
-            self.ended_elsewhere(level, fate);
-        }
-    }
-
-    #[cold]
-    fn ended_elsewhere(&mut self, level: Level, fate: Option<Outcome>) {
-        if matches!(level.slot, registry::Slot::Local { .. }) {
-            self.ended_elsewhere.push((level.serial, fate));
-        }
+        leave_level(
+            self.label.id,
+            &self.inbox,
+            &mut self.ended_elsewhere,
+            level,
+            fate,
+        );
     }
 
     /// Closes the innermost level after its savepoint was released.
@@ -343,11 +339,7 @@ impl State {
             return Settled::default();
         };
         for level in levels.rev() {
-            if !registry::leave(label.id, level.serial, level.slot, inbox)
-                && matches!(level.slot, registry::Slot::Local { .. })
-            {
-                ended_elsewhere.push((level.serial, Some(outcome)));
-            }
+            leave_level(label.id, inbox, ended_elsewhere, level, Some(outcome));
         }
         log::trace!(
             target: "diesel_transaction_signals",
@@ -384,12 +376,13 @@ impl State {
     fn discard_all(&mut self, why: &str) {
         self.drain_inbox();
         while let Some((level, hooks)) = self.stack.close() {
-            if !registry::leave(self.label.id, level.serial, level.slot, &self.inbox)
-                && matches!(level.slot, registry::Slot::Local { .. })
-            {
-                self.ended_elsewhere
-                    .push((level.serial, Some(Outcome::RolledBack)));
-            }
+            leave_level(
+                self.label.id,
+                &self.inbox,
+                &mut self.ended_elsewhere,
+                level,
+                Some(Outcome::RolledBack),
+            );
             for hook in hooks {
                 log::debug!(
                     target: "diesel_transaction_signals",
@@ -422,6 +415,29 @@ impl State {
             "no transaction was open: on_rollback outside a transaction never runs",
         );
     }
+}
+
+/// Undoes `level`'s registry entry. A local level that its thread's registry did not see close
+/// (another thread, out of order) is remembered in `ended_elsewhere` with its `fate`, for the
+/// hooks that thread may still hold for it.
+#[inline(always)]
+fn leave_level(
+    id: ConnectionId,
+    inbox: &Inbox,
+    ended_elsewhere: &mut Vec<(u64, Option<Outcome>)>,
+    level: Level,
+    fate: Option<Outcome>,
+) {
+    if !registry::leave(id, level.serial, level.slot, inbox)
+        && matches!(level.slot, registry::Slot::Local { .. })
+    {
+        remember_ended(ended_elsewhere, level.serial, fate);
+    }
+}
+
+#[cold]
+fn remember_ended(ended: &mut Vec<(u64, Option<Outcome>)>, serial: u64, fate: Option<Outcome>) {
+    ended.push((serial, fate));
 }
 
 impl Drop for State {
