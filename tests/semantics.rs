@@ -578,6 +578,34 @@ macro_rules! semantic_suite {
                 assert!(!in_transaction());
             }
 
+            #[test]
+            fn s10f_a_connection_moved_to_another_thread_mid_transaction_keeps_its_hooks() {
+                let mut conn = connect();
+                let rec = Recorder::new();
+                // A bare begin: the level may end on another thread (a shared level).
+                Manager::begin_transaction(&mut conn).unwrap();
+                defer(rec.hook("deferred on the first thread"));
+                assert!(in_transaction());
+                let there = rec.clone();
+                let conn = std::thread::spawn(move || {
+                    let mut conn = conn;
+                    assert!(!in_transaction(), "the level was opened on the other thread");
+                    conn.on_commit(there.hook("registered on the second thread"));
+                    Manager::commit_transaction(&mut conn).unwrap();
+                    conn
+                })
+                .join()
+                .unwrap();
+                assert_eq!(
+                    rec.take(),
+                    ["deferred on the first thread", "registered on the second thread"]
+                );
+                assert!(!in_transaction(), "this thread's entry for the level is stale");
+                defer(rec.hook("after"));
+                assert_eq!(rec.take(), ["after"], "defer runs at once again");
+                drop(conn);
+            }
+
             // 11. At most once, freed after; hooks registered by running hooks.
             #[test]
             fn s11_hooks_run_once_are_freed_and_may_register_hooks() {
