@@ -188,14 +188,17 @@ impl State {
             .iter()
             .find(|(s, _)| *s == serial)
             .map(|(_, fate)| *fate);
-        let (outcome, why) = match fate {
-            // Released into the enclosing level: the hook goes on waiting there.
+        // Released into the enclosing level: the hook goes on waiting there.
+        let hook = match fate {
             Some(None) if self.stack.depth() > 0 => {
-                if let Err(hook) = self.stack.push_to(self.stack.innermost_serial(), hook) {
-                    self.settle_stranded(0, hook);
+                match self.stack.push_to(self.stack.innermost_serial(), hook) {
+                    Ok(()) => return,
+                    Err(hook) => hook,
                 }
-                return;
             }
+            _ => hook,
+        };
+        let (outcome, why) = match fate {
             Some(Some(outcome)) => (outcome, "its transaction level ended on another thread"),
             _ => (
                 Outcome::Unknown,

@@ -606,6 +606,30 @@ macro_rules! semantic_suite {
                 drop(conn);
             }
 
+            #[test]
+            fn s10g_a_level_ended_out_of_order_settles_the_hooks_deferred_to_it_with_its_fate() {
+                let mut a = connect();
+                let mut b = connect();
+                let rec = Recorder::new();
+                let result = a.transaction(|a| {
+                    defer(rec.hook("a before"));
+                    b.transaction(|_| {
+                        // A raw manager call ends a's level while b's is the innermost.
+                        Manager::commit_transaction(a).unwrap();
+                        defer(rec.hook("b inner"));
+                        QueryResult::Ok(())
+                    })?;
+                    // b's end uncovers a's level, which has already committed.
+                    defer(rec.hook("a after"));
+                    QueryResult::Ok(())
+                });
+                assert!(result.is_ok());
+                assert_eq!(rec.take(), ["a before", "b inner", "a after"]);
+                assert!(!in_transaction(), "the thread's registry forgot both levels");
+                defer(rec.hook("outside"));
+                assert_eq!(rec.take(), ["outside"]);
+            }
+
             // 11. At most once, freed after; hooks registered by running hooks.
             #[test]
             fn s11_hooks_run_once_are_freed_and_may_register_hooks() {
