@@ -1,5 +1,6 @@
-//! The error returned when a COMMIT could not commit because the database had already aborted
-//! the transaction.
+//! The errors the wrapper returns on its own: [`TransactionAborted`] (the database aborted or
+//! ended the transaction, so it cannot commit and statements are refused) and
+//! [`ConnectionReplaced`] (a `transaction` closure swapped its connection out).
 
 use std::fmt;
 
@@ -35,7 +36,10 @@ const HINT: &str = "propagate the error with `?`, or run the statement that may 
 pub struct TransactionAborted;
 
 impl TransactionAborted {
-    /// Whether `err` is (or, inside `RollbackErrorOnCommit`, contains) this error.
+    /// Whether `err` is (or, inside `RollbackErrorOnCommit`, contains) this error, whichever
+    /// of its three forms: a COMMIT of an aborted transaction, a COMMIT of a transaction the
+    /// database ended on its own, or a statement (or nested `transaction`) refused in such a
+    /// transaction.
     ///
     /// ```
     /// use diesel_transaction_signals::TransactionAborted;
@@ -43,7 +47,10 @@ impl TransactionAborted {
     /// ```
     pub fn is(err: &Error) -> bool {
         match err {
-            Error::DatabaseError(DatabaseErrorKind::Unknown, info) => info.message() == MESSAGE,
+            Error::DatabaseError(DatabaseErrorKind::Unknown, info) => {
+                let m = info.message();
+                m == MESSAGE || m == Lost::ENDED || m == Lost::REFUSED
+            }
             Error::RollbackErrorOnCommit { commit_error, .. } => Self::is(commit_error),
             _ => false,
         }
@@ -52,7 +59,134 @@ impl TransactionAborted {
     pub(crate) fn into_error() -> Error {
         Error::DatabaseError(DatabaseErrorKind::Unknown, Box::new(TransactionAborted))
     }
+
+    /// The COMMIT (or RELEASE) of a transaction the database ended on its own.
+    pub(crate) fn lost_error() -> Error {
+        Error::DatabaseError(DatabaseErrorKind::Unknown, Box::new(Lost(Lost::ENDED)))
+    }
+
+    /// A statement or `begin` refused in a transaction the database ended on its own.
+    pub(crate) fn statement_error() -> Error {
+        Error::DatabaseError(DatabaseErrorKind::Unknown, Box::new(Lost(Lost::REFUSED)))
+    }
 }
+
+/// The two forms of [`TransactionAborted`] for a transaction the database ended on its own.
+#[derive(Debug)]
+struct Lost(&'static str);
+
+impl Lost {
+    const ENDED: &'static str = "the transaction was not committed: the database ended it on its \
+own (a deadlock, a statement that rolled the whole transaction back, or an implicit commit) \
+while it was open; its hooks settled with what the database did";
+    const REFUSED: &'static str = "statement refused: the database ended the transaction on its \
+own (a deadlock, a statement that rolled the whole transaction back, or a raw COMMIT/ROLLBACK), \
+and running it now would run it outside the transaction the caller believes open; end the \
+transaction (return the error) first";
+}
+
+impl DatabaseErrorInformation for Lost {
+    fn message(&self) -> &str {
+        self.0
+    }
+    fn details(&self) -> Option<&str> {
+        None
+    }
+    fn hint(&self) -> Option<&str> {
+        Some("propagate the database error that ended the transaction, and retry the whole transaction")
+    }
+    fn table_name(&self) -> Option<&str> {
+        None
+    }
+    fn column_name(&self) -> Option<&str> {
+        None
+    }
+    fn constraint_name(&self) -> Option<&str> {
+        None
+    }
+    fn statement_position(&self) -> Option<i32> {
+        None
+    }
+}
+
+/// Details of a `transaction` whose closure replaced the connection it was given
+/// (`std::mem::replace(conn, other)`, `std::mem::swap`): the transaction it began belongs to a
+/// connection that is no longer there, so its outcome cannot be reported as the closure's.
+///
+/// The closure's result becomes `Error::DatabaseError(DatabaseErrorKind::Unknown, _)` with this
+/// information; the transaction's hooks settle with the connection that began it (rolled back
+/// when it is dropped), and no registry entry outlives it. Recognise it with
+/// [`ConnectionReplaced::is`].
+///
+/// # Example
+///
+/// ```
+/// # #[cfg(feature = "sqlite")] {
+/// use diesel::prelude::*;
+/// use diesel_transaction_signals::{ConnectionReplaced, SignalConnection};
+///
+/// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+/// let result = conn.transaction(|c| {
+///     let other = SignalConnection::<SqliteConnection>::establish(":memory:")?;
+///     drop(std::mem::replace(c, other)); // the connection that began the transaction is gone
+///     QueryResult::Ok(())
+/// });
+/// assert!(ConnectionReplaced::is(&result.unwrap_err()));
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConnectionReplaced;
+
+const REPLACED: &str = "the transaction closure replaced its connection: the transaction it \
+began belongs to the connection that was swapped out, and settles with it";
+
+impl ConnectionReplaced {
+    /// Whether `err` is this error.
+    ///
+    /// ```
+    /// use diesel_transaction_signals::ConnectionReplaced;
+    /// assert!(!ConnectionReplaced::is(&diesel::result::Error::NotFound));
+    /// ```
+    pub fn is(err: &Error) -> bool {
+        matches!(err, Error::DatabaseError(DatabaseErrorKind::Unknown, info) if info.message() == REPLACED)
+    }
+
+    pub(crate) fn into_error() -> Error {
+        Error::DatabaseError(DatabaseErrorKind::Unknown, Box::new(ConnectionReplaced))
+    }
+}
+
+impl DatabaseErrorInformation for ConnectionReplaced {
+    fn message(&self) -> &str {
+        REPLACED
+    }
+    fn details(&self) -> Option<&str> {
+        None
+    }
+    fn hint(&self) -> Option<&str> {
+        Some("do not move the connection out of a transaction closure")
+    }
+    fn table_name(&self) -> Option<&str> {
+        None
+    }
+    fn column_name(&self) -> Option<&str> {
+        None
+    }
+    fn constraint_name(&self) -> Option<&str> {
+        None
+    }
+    fn statement_position(&self) -> Option<i32> {
+        None
+    }
+}
+
+impl fmt::Display for ConnectionReplaced {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REPLACED)
+    }
+}
+
+impl std::error::Error for ConnectionReplaced {}
 
 impl DatabaseErrorInformation for TransactionAborted {
     fn message(&self) -> &str {

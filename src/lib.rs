@@ -78,22 +78,30 @@
 //! # Features
 //!
 //! `sqlite`, `postgres`, `mysql` enable the matching Diesel backend; `r2d2` enables pool
-//! support. No backend is on by default.
+//! support; `outbox` the durable jobs ([`outbox`], needs `r2d2`); `outbox-listen` wakes relays
+//! in other processes with PostgreSQL `LISTEN`/`NOTIFY`. No backend is on by default.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
+// Layers, bottom up (docs/ARCHITECTURE.md): leaf types (id, outcome, report, pre_commit,
+// error), hook, ledger, registry and signals, connection (with its manager), testing, pool and
+// the backend extras, outbox on top. No module imports one above it.
 mod connection;
 mod error;
-mod hooks;
-mod manager;
+mod hook;
+mod id;
+mod ledger;
 #[cfg(feature = "mysql")]
 mod mysql;
 #[cfg(feature = "outbox")]
 pub mod outbox;
+mod outcome;
 #[cfg(feature = "r2d2")]
 pub mod pool;
+mod pre_commit;
 mod registry;
+mod report;
 pub mod signals;
 mod testing;
 
@@ -102,11 +110,14 @@ pub mod pg;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
-pub use connection::{ConnectionId, SignalConnection};
-pub use error::TransactionAborted;
-pub use hooks::{set_failure_handler, FailureCause, HookFailure, HookKind, HookOutput, Outcome};
-pub use manager::SignalTransactionManager;
+pub use connection::{SignalConnection, SignalTransactionManager};
+pub use error::{ConnectionReplaced, TransactionAborted};
+pub use hook::HookOutput;
+pub use id::ConnectionId;
+pub use outcome::Outcome;
+pub use pre_commit::{DeferError, PreCommitConnection};
 pub use registry::in_transaction;
+pub use report::{set_failure_handler, FailureCause, HookFailure, HookKind};
 pub use testing::CapturedHooks;
 
 use std::panic::Location;
@@ -145,7 +156,7 @@ pub fn defer<F>(f: F)
 where
     F: FnOnce() + Send + 'static,
 {
-    defer_hook(hooks::Hook::commit(f, Location::caller()));
+    defer_hook(hook::Hook::commit(f, Location::caller()));
 }
 
 /// `defer!`'s call form: the call may return a `Result`, whose `Err` is reported.
@@ -156,18 +167,73 @@ where
     F: FnOnce() -> R + Send + 'static,
     R: HookOutput,
 {
-    defer_hook(hooks::Hook::commit(f, Location::caller()));
+    defer_hook(hook::Hook::commit(f, Location::caller()));
 }
 
-fn defer_hook(hook: hooks::Hook) {
-    if let Err(hook) = registry::offer(hook, false) {
-        hooks::settle_all(
+fn defer_hook(hook: hook::Hook) {
+    if let Err((hook, _)) = registry::offer(hook, false) {
+        hook::settle_all(
             std::iter::once(hook),
             Outcome::Committed,
             None,
             "no transaction open",
         );
     }
+}
+
+/// Registers `f` to run inside the innermost transaction open on this thread, just before its
+/// outermost COMMIT, without a connection handle: the extension point for work that must
+/// commit with the transaction or not at all (an outbox row, an audit record, a flush).
+///
+/// `f` gets the connection as a [`PreCommitConnection`]: get the typed
+/// [`SignalConnection`] back with [`PreCommitConnection::connection`] and run queries on it.
+/// It runs after the [`PRE_COMMIT`](signals::PRE_COMMIT) receivers, in registration order with
+/// the `before_commit` hooks of that connection, exactly as
+/// [`SignalConnection::before_commit`] does: an `Err` rolls the whole transaction back (rollback
+/// hooks run) and is returned from `transaction`; a panic rolls it back and continues; a
+/// savepoint that rolls back discards the work registered in it.
+///
+/// Returns [`DeferError::NoTransaction`] when no transaction is open on this thread (there is
+/// nothing to commit with), and [`DeferError::CommitInFlight`] when the transaction's COMMIT is
+/// already in flight (a call from an `Instrumentation` callback or from another thread for a
+/// connection that moved): `f` was not registered and is dropped. Never `Ok` for work that
+/// cannot run.
+///
+/// ```
+/// # #[cfg(feature = "sqlite")] {
+/// use diesel::prelude::*;
+/// use diesel_transaction_signals::{defer_before_commit, DeferError, SignalConnection};
+///
+/// // Library code: records an audit row in whatever transaction is open, without a handle.
+/// fn audit(note: &'static str) -> Result<(), DeferError> {
+///     defer_before_commit(move |conn| {
+///         let conn = conn.connection::<SqliteConnection>().expect("SQLite in this example");
+///         diesel::sql_query("INSERT INTO audit (note) VALUES (?)")
+///             .bind::<diesel::sql_types::Text, _>(note)
+///             .execute(conn)
+///             .map(drop)
+///     })
+/// }
+///
+/// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:")?;
+/// diesel::sql_query("CREATE TABLE audit (note TEXT NOT NULL)").execute(&mut conn)?;
+/// conn.transaction(|_| {
+///     audit("signed up")?;
+///     QueryResult::Ok(())
+/// })?;
+/// assert_eq!(audit("outside"), Err(DeferError::NoTransaction));
+/// # }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[track_caller]
+pub fn defer_before_commit<F>(f: F) -> Result<(), DeferError>
+where
+    F: for<'a> FnOnce(&mut PreCommitConnection<'a>) -> diesel::QueryResult<()> + Send + 'static,
+{
+    let work = hook::Hook::pre_commit(Box::new(f), Location::caller());
+    registry::offer(work, true)
+        .map(drop)
+        .map_err(|(_, why)| why)
 }
 
 /// Defers a call until the innermost transaction on this thread commits (see [`defer()`]).

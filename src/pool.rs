@@ -140,14 +140,14 @@ where
 
     fn on_release(&self, mut conn: SignalConnection<C>) {
         conn.sync();
-        let levels = conn.state.stack.depth();
-        if levels > 0 && !conn.state.test_transaction {
+        let levels = conn.book.ledger.depth();
+        if levels > 0 && !conn.book.ledger.is_test_transaction() {
             log::warn!(
                 target: "diesel_transaction_signals",
                 "connection {} removed from the pool inside a transaction ({levels} level(s), \
                  {} hook(s) pending): rolling back, its rollback hooks run now",
-                conn.state.label,
-                conn.state.stack.hooks.len(),
+                conn.book.label,
+                conn.book.ledger.hooks.len(),
             );
             let _ = conn.rollback_to(1, "the connection was removed from the pool");
         }

@@ -9,7 +9,7 @@
 //!   one cell. Hooks deferred to it wait in this thread's [`LocalBuffer`], with no lock and no
 //!   atomic operation. The level ends inside that closure call, on this thread, and every
 //!   operation of the connection on this thread first moves the buffer's hooks for it into its
-//!   [`HookStack`], so none is left behind;
+//!   [`Ledger`], so none is left behind;
 //! - **shared** (a bare `TransactionManager::begin_transaction`, `begin_test_transaction`: the
 //!   connection may be moved to another thread before the level ends): an [`Entry`] in the
 //!   thread's list holds the connection's [`Inbox`] (by `Arc`, so the connection stays `Send`),
@@ -28,21 +28,30 @@
 //!   left behind is skipped and removed by the next `defer` on that thread;
 //! - a local level that closes where its thread cannot see it (raw manager calls from another
 //!   thread inside the closure, or out of order) is remembered by its connection with its fate;
-//!   when the closure returns, its thread restores its local top ([`forget`]) and settles the
+//!   when the closure returns, its thread restores its local top ([`exit`]) and settles the
 //!   hooks it holds for the level with that fate;
-//! - a dropped connection closes its inbox; entries naming a closed inbox are skipped.
+//! - a dropped connection closes its inbox; entries naming a closed inbox are skipped;
+//! - pre-commit work is refused, never buffered, for a level whose COMMIT is in flight
+//!   ([`seal`]); the ledger refuses it too, so work that slipped into the buffer just before the
+//!   seal is taken and run before COMMIT is sent.
 
 use std::cell::{Cell, RefCell};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::hooks::{Hook, HookStack};
-use crate::ConnectionId;
+use crate::hook::Hook;
+use crate::id::ConnectionId;
+use crate::ledger::Ledger;
+use crate::outcome::Outcome;
+use crate::pre_commit::DeferError;
 
 /// Hooks handed to a connection by `defer`, waiting for its next operation.
 #[derive(Default)]
 pub(crate) struct Inbox {
     pending: AtomicBool,
+    /// The serial of the shared level whose COMMIT is in flight (0: none): pre-commit work
+    /// offered to it is refused.
+    sealed: AtomicU64,
     state: Mutex<InboxState>,
 }
 
@@ -90,11 +99,15 @@ impl Inbox {
         self.lock().dead.push(serial);
     }
 
-    /// Offers a hook for the level `serial`; gives it back if that level is known to be gone.
-    fn offer(&self, serial: u64, hook: Hook) -> Result<(), Hook> {
+    /// Offers a hook for the level `serial`; gives it back if that level is known to be gone,
+    /// or (with the reason) if it is pre-commit work and the level's COMMIT is in flight.
+    fn offer(&self, serial: u64, hook: Hook) -> Result<(), (Hook, Option<DeferError>)> {
         let mut st = self.lock();
         if st.closed || st.dead.contains(&serial) {
-            return Err(hook);
+            return Err((hook, None));
+        }
+        if hook.is_pre_commit() && self.sealed.load(Ordering::Acquire) == serial {
+            return Err((hook, Some(DeferError::CommitInFlight)));
         }
         st.hooks.push((serial, hook));
         self.pending.store(true, Ordering::Release);
@@ -146,14 +159,14 @@ struct LocalBuffer {
     /// `(connection, level serial, end)`: `hooks[previous run's end..end]` belong to that level.
     runs: Vec<(ConnectionId, u64, usize)>,
     hooks: Vec<Hook>,
-    /// A pre-commit hook (`defer_durable!`) is among `hooks`.
-    has_before: bool,
+    /// Pre-commit work (`defer_before_commit`) is among `hooks`.
+    has_pre_commit: bool,
 }
 
 impl LocalBuffer {
     #[inline]
     fn push(&mut self, conn: ConnectionId, serial: u64, hook: Hook, pre_commit: bool) {
-        self.has_before |= pre_commit;
+        self.has_pre_commit |= pre_commit;
         self.hooks.push(hook);
         let end = self.hooks.len();
         match self.runs.last_mut() {
@@ -163,13 +176,20 @@ impl LocalBuffer {
         LOCAL_WAITING.with(|cell| cell.set(true));
     }
 
-    /// Moves `conn`'s hooks into `stack` (those whose level is gone into `stranded`).
-    fn take(&mut self, conn: ConnectionId, stack: &mut HookStack, stranded: &mut Vec<(u64, Hook)>) {
+    /// Moves `conn`'s hooks into `ledger` (those whose level is gone into `stranded`).
+    fn take(
+        &mut self,
+        conn: ConnectionId,
+        ledger: &mut Ledger<Slot>,
+        stranded: &mut Vec<(u64, Hook)>,
+    ) {
         match self.runs[..] {
-            [(c, serial, _)] if c == conn && serial == stack.innermost_serial() => {
+            [(c, serial, _)]
+                if c == conn && serial == ledger.innermost_serial() && !ledger.is_sealed() =>
+            {
                 // The common case: every waiting hook is for this connection's innermost level.
                 // The buffer keeps its capacity for the next `defer`s.
-                stack.append(&mut self.hooks, self.has_before);
+                ledger.append(&mut self.hooks, self.has_pre_commit);
                 self.runs.clear();
             }
             _ => {
@@ -182,7 +202,7 @@ impl LocalBuffer {
                     for hook in hooks.by_ref().take(end - start) {
                         if c != conn {
                             self.hooks.push(hook);
-                        } else if let Err(hook) = stack.push_to(serial, hook) {
+                        } else if let Err(hook) = ledger.push_to(serial, hook) {
                             stranded.push((serial, hook));
                         }
                     }
@@ -194,7 +214,7 @@ impl LocalBuffer {
             }
         }
         if self.runs.is_empty() {
-            self.has_before = false;
+            self.has_pre_commit = false;
         }
         LOCAL_WAITING.with(|cell| cell.set(!self.runs.is_empty()));
     }
@@ -205,9 +225,9 @@ impl Drop for Registry {
         // Unreachable while the closures that own the local levels are still on this thread's
         // stack; kept so a hook could never vanish without a trace.
         if !self.local.hooks.is_empty() {
-            crate::hooks::settle_all(
+            crate::hook::settle_all(
                 self.local.hooks.drain(..),
-                crate::Outcome::Unknown,
+                Outcome::Unknown,
                 None,
                 "its thread exited before its transaction ended",
             );
@@ -222,7 +242,7 @@ thread_local! {
             local: LocalBuffer {
                 runs: Vec::new(),
                 hooks: Vec::new(),
-                has_before: false,
+                has_pre_commit: false,
             },
         })
     };
@@ -233,6 +253,9 @@ thread_local! {
     /// their connections' [`Slot`]s, so opening and closing a local level is a swap of this cell
     /// and nothing else.
     static LOCAL_TOP: Cell<Option<LocalLevel>> = const { Cell::new(None) };
+    /// The local level of this thread whose COMMIT is in flight: pre-commit work offered to it
+    /// is refused.
+    static SEALED_LOCAL: Cell<Option<LocalLevel>> = const { Cell::new(None) };
 }
 
 /// Whether hooks deferred on this thread may be waiting for their connection.
@@ -242,7 +265,7 @@ pub(crate) fn local_waiting() -> bool {
 }
 
 /// Records that `conn` opened level `serial` on this thread: a local level when `inbox` is
-/// `None`, a shared one otherwise. Returns what [`leave`] needs to undo it.
+/// `None`, a shared one otherwise. Returns what [`exit`] needs to undo it.
 #[inline(always)]
 pub(crate) fn enter(conn: ConnectionId, serial: u64, inbox: Option<&Arc<Inbox>>) -> Slot {
     match inbox {
@@ -271,7 +294,7 @@ fn enter_shared(conn: ConnectionId, serial: u64, inbox: &Arc<Inbox>) -> Slot {
 /// Records that `conn`'s level `serial`, entered as `slot`, closed. Returns whether this thread
 /// had it as its innermost level (or, for a shared level, anywhere in its list).
 #[inline(always)]
-pub(crate) fn leave(conn: ConnectionId, serial: u64, slot: Slot, inbox: &Inbox) -> bool {
+pub(crate) fn exit(conn: ConnectionId, serial: u64, slot: Slot, inbox: &Inbox) -> bool {
     match slot {
         Slot::Local { below } => {
             let top = LOCAL_TOP.get();
@@ -280,16 +303,16 @@ pub(crate) fn leave(conn: ConnectionId, serial: u64, slot: Slot, inbox: &Inbox) 
                 true
             } else {
                 // Closed on another thread, or out of order (raw manager calls): the closure
-                // that opened it restores its thread's top when it returns (`forget`).
+                // that opened it restores its thread's top when it returns (`exit` again).
                 false
             }
         }
-        Slot::Shared => leave_shared(conn, serial, inbox),
+        Slot::Shared => exit_shared(conn, serial, inbox),
     }
 }
 
 #[cold]
-fn leave_shared(conn: ConnectionId, serial: u64, inbox: &Inbox) -> bool {
+fn exit_shared(conn: ConnectionId, serial: u64, inbox: &Inbox) -> bool {
     let found = REGISTRY
         .try_with(|reg| {
             let open = &mut reg.borrow_mut().open;
@@ -312,30 +335,41 @@ fn leave_shared(conn: ConnectionId, serial: u64, inbox: &Inbox) -> bool {
     found
 }
 
-/// Called by the closure that opened local level `serial` of `conn` as `slot`, when it returns
-/// after the level ended elsewhere: restores this thread's innermost local level.
-pub(crate) fn forget(conn: ConnectionId, serial: u64, slot: Slot) {
-    if let Slot::Local { below } = slot {
-        if LOCAL_TOP.get() == Some((conn, serial)) {
-            LOCAL_TOP.with(|cell| cell.set(below));
-        }
+/// Moves the hooks deferred on this thread to `conn`'s local levels into `ledger`, in
+/// registration order; those whose level has ended (or that are pre-commit work refused by a
+/// sealed ledger) go to `stranded`, with its serial.
+pub(crate) fn take_local(
+    conn: ConnectionId,
+    ledger: &mut Ledger<Slot>,
+    stranded: &mut Vec<(u64, Hook)>,
+) {
+    let _ = REGISTRY.try_with(|reg| reg.borrow_mut().local.take(conn, ledger, stranded));
+}
+
+/// Marks `conn`'s level `serial` (entered as `slot`) as committing: until [`unseal`], pre-commit
+/// work offered to it is refused with [`DeferError::CommitInFlight`].
+#[inline(always)]
+pub(crate) fn seal(conn: ConnectionId, serial: u64, slot: Slot, inbox: &Inbox) {
+    match slot {
+        Slot::Local { .. } => SEALED_LOCAL.with(|cell| cell.set(Some((conn, serial)))),
+        Slot::Shared => inbox.sealed.store(serial, Ordering::Release),
     }
 }
 
-/// Moves the hooks deferred on this thread to `conn`'s local levels into `stack`, in
-/// registration order; those whose level has ended go to `stranded`, with its serial.
-pub(crate) fn take_local(
-    conn: ConnectionId,
-    stack: &mut HookStack,
-    stranded: &mut Vec<(u64, Hook)>,
-) {
-    let _ = REGISTRY.try_with(|reg| reg.borrow_mut().local.take(conn, stack, stranded));
+/// Undoes [`seal`] once the COMMIT returned.
+#[inline(always)]
+pub(crate) fn unseal(slot: Slot, inbox: &Inbox) {
+    match slot {
+        Slot::Local { .. } => SEALED_LOCAL.with(|cell| cell.set(None)),
+        Slot::Shared => inbox.sealed.store(0, Ordering::Release),
+    }
 }
 
-/// Hands `hook` to the innermost transaction open on this thread; gives it back when there is
-/// none. `pre_commit`: the hook runs before COMMIT (`defer_durable!`).
+/// Hands `hook` to the innermost transaction open on this thread; gives it back, with the
+/// reason, when there is none, or when it is pre-commit work (`pre_commit`) and that
+/// transaction's COMMIT is in flight.
 #[inline]
-pub(crate) fn offer(hook: Hook, pre_commit: bool) -> Result<ConnectionId, Hook> {
+pub(crate) fn offer(hook: Hook, pre_commit: bool) -> Result<ConnectionId, (Hook, DeferError)> {
     let mut slot = Some(hook);
     let placed = REGISTRY.try_with(|reg| {
         let reg = &mut *reg.borrow_mut();
@@ -343,16 +377,20 @@ pub(crate) fn offer(hook: Hook, pre_commit: bool) -> Result<ConnectionId, Hook> 
         match (top, reg.open.last()) {
             // The common case, a local level above any shared one: no lock.
             (Some((conn, serial)), last) if last.is_none_or(|e| e.below != top) => {
+                if pre_commit && SEALED_LOCAL.get() == top {
+                    return Err(DeferError::CommitInFlight);
+                }
                 if let Some(hook) = slot.take() {
                     reg.local.push(conn, serial, hook, pre_commit);
                 }
-                Some(conn)
+                Ok(Some(conn))
             }
-            _ => None,
+            _ => Ok(None),
         }
     });
     match (placed, slot) {
-        (Ok(Some(conn)), None) => Ok(conn),
+        (Ok(Ok(Some(conn))), None) => Ok(conn),
+        (Ok(Err(why)), Some(hook)) => Err((hook, why)),
         (_, Some(hook)) => offer_shared(hook, pre_commit),
         (_, None) => unreachable!("a hook is taken only when placed"),
     }
@@ -361,7 +399,7 @@ pub(crate) fn offer(hook: Hook, pre_commit: bool) -> Result<ConnectionId, Hook> 
 /// `offer` when a shared level is the innermost (or there is none): skips and drops stale
 /// shared entries on the way down.
 #[cold]
-fn offer_shared(hook: Hook, pre_commit: bool) -> Result<ConnectionId, Hook> {
+fn offer_shared(hook: Hook, pre_commit: bool) -> Result<ConnectionId, (Hook, DeferError)> {
     let mut slot = Some(hook);
     let placed = REGISTRY.try_with(|reg| {
         let mut hook = slot.take().expect("taken once");
@@ -372,23 +410,30 @@ fn offer_shared(hook: Hook, pre_commit: bool) -> Result<ConnectionId, Hook> {
                 (_, Some(e)) if top.is_none() || e.below == top => {
                     match e.inbox.offer(e.serial, hook) {
                         Ok(()) => return Ok(e.conn),
-                        Err(back) => {
+                        Err((back, Some(why))) => return Err((back, why)),
+                        Err((back, None)) => {
                             hook = back;
                             reg.open.pop();
                         }
                     }
                 }
                 (Some((conn, serial)), _) => {
+                    if pre_commit && SEALED_LOCAL.get() == top {
+                        return Err((hook, DeferError::CommitInFlight));
+                    }
                     reg.local.push(conn, serial, hook, pre_commit);
                     return Ok(conn);
                 }
-                (None, _) => return Err(hook),
+                (None, _) => return Err((hook, DeferError::NoTransaction)),
             }
         }
     });
     match placed {
         Ok(result) => result,
-        Err(_) => Err(slot.take().expect("not taken when the registry is gone")),
+        Err(_) => Err((
+            slot.take().expect("not taken when the registry is gone"),
+            DeferError::NoTransaction,
+        )),
     }
 }
 

@@ -51,8 +51,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::hooks::{panic_message, report, FailureCause, HookFailure, Label};
-use crate::{ConnectionId, HookKind, Outcome};
+use crate::id::{ConnectionId, Label};
+use crate::outcome::Outcome;
+use crate::report::{panic_message, report, FailureCause, HookFailure, HookKind};
 
 /// Sent inside every outermost transaction, before its `before_commit` hooks and COMMIT. A
 /// receiver that returns `Err(Veto)` (or panics) rolls the transaction back; `transaction` then

@@ -1,7 +1,9 @@
 //! Capturing hooks in tests, where a test transaction never commits.
 
-use crate::hooks::{settle_all, Hook, Label};
-use crate::{HookKind, Outcome};
+use crate::hook::{settle_all, Hook};
+use crate::id::Label;
+use crate::outcome::Outcome;
+use crate::report::HookKind;
 
 /// Hooks taken out of a transaction by
 /// [`SignalConnection::capture_hooks`](crate::SignalConnection::capture_hooks), for a test to

@@ -143,10 +143,12 @@ impl<C: OutboxConnection> sealed::Sealed for SignalConnection<C> {}
 
 impl<C: OutboxConnection> OutboxConnection for SignalConnection<C> {
     fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
-        self.inner.outbox_insert(row)
+        self.check_transaction()?;
+        self.inner_mut().outbox_insert(row)
     }
     fn outbox_insert_many(&mut self, rows: &[NewRow]) -> QueryResult<usize> {
-        self.inner.outbox_insert_many(rows)
+        self.check_transaction()?;
+        self.inner_mut().outbox_insert_many(rows)
     }
     fn outbox_claim(
         &mut self,
@@ -155,10 +157,11 @@ impl<C: OutboxConnection> OutboxConnection for SignalConnection<C> {
         limit: i64,
         lease_ms: i64,
     ) -> QueryResult<Vec<ClaimedRow>> {
-        self.inner.outbox_claim(relay, queues_json, limit, lease_ms)
+        self.inner_mut()
+            .outbox_claim(relay, queues_json, limit, lease_ms)
     }
     fn outbox_complete(&mut self, ids: &[i64]) -> QueryResult<()> {
-        self.inner.outbox_complete(ids)
+        self.inner_mut().outbox_complete(ids)
     }
     fn outbox_fail(
         &mut self,
@@ -168,13 +171,14 @@ impl<C: OutboxConnection> OutboxConnection for SignalConnection<C> {
         delay_ms: i64,
         dead: bool,
     ) -> QueryResult<bool> {
-        self.inner.outbox_fail(relay, id, error, delay_ms, dead)
+        self.inner_mut()
+            .outbox_fail(relay, id, error, delay_ms, dead)
     }
     fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()> {
-        self.inner.outbox_release(relay, ids)
+        self.inner_mut().outbox_release(relay, ids)
     }
     fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>> {
-        self.inner.outbox_unknown_queues(queues_json)
+        self.inner_mut().outbox_unknown_queues(queues_json)
     }
 }
 

@@ -80,7 +80,7 @@ pub(crate) use backend::NewRow;
 pub use backend::OutboxConnection;
 pub use relay::{Backoff, Job, JobId, Relay, RelayBuilder, RelayHandle, RelayStats};
 
-use crate::SignalConnection;
+use crate::{DeferError, PreCommitConnection, SignalConnection};
 
 /// The outbox migrations, embedded, for `MigrationHarness::run_pending_migrations`.
 ///
@@ -152,6 +152,10 @@ pub enum OutboxError {
     InvalidQueue(String),
     /// `defer_durable!` without a connection needs a transaction open on this thread.
     NoTransaction,
+    /// `defer_durable!` was called while the transaction's COMMIT was in flight (from an
+    /// `Instrumentation` callback, or another thread): the row could not be written inside it,
+    /// and was not written at all.
+    CommitInFlight,
 }
 
 impl fmt::Display for OutboxError {
@@ -165,6 +169,9 @@ impl fmt::Display for OutboxError {
             ),
             OutboxError::NoTransaction => f.write_str(
                 "defer_durable! without a connection needs a transaction open on this thread",
+            ),
+            OutboxError::CommitInFlight => f.write_str(
+                "defer_durable! came while the transaction's COMMIT was in flight: no row was written",
             ),
         }
     }
@@ -331,7 +338,7 @@ impl<C: OutboxConnection> SignalConnection<C> {
     /// # }
     /// ```
     pub fn enqueue(&mut self, job: DurableJob) -> Result<Option<JobId>, OutboxError> {
-        let id = self.inner.outbox_insert(&job.row)?;
+        let id = self.outbox_insert(&job.row)?;
         self.wake_after_commit();
         Ok(id.map(JobId))
     }
@@ -364,7 +371,7 @@ impl<C: OutboxConnection> SignalConnection<C> {
         if rows.is_empty() {
             return Ok(0);
         }
-        let written = self.inner.outbox_insert_many(&rows)?;
+        let written = self.outbox_insert_many(&rows)?;
         self.wake_after_commit();
         Ok(written)
     }
@@ -415,36 +422,53 @@ macro_rules! defer_durable {
     };
 }
 
-/// `defer_durable!` without a connection.
+/// `defer_durable!` without a connection: the row is written just before COMMIT, through the
+/// crate's public pre-commit extension point
+/// ([`defer_before_commit`](crate::defer_before_commit)).
 #[doc(hidden)]
 #[track_caller]
 pub fn defer_durable_here(job: Result<DurableJob, OutboxError>) -> Result<(), OutboxError> {
-    let job = job?;
-    let hook = crate::hooks::Hook::durable(job.row, std::panic::Location::caller());
-    crate::registry::offer(hook, true)
-        .map(drop)
-        .map_err(|_| OutboxError::NoTransaction)
+    let row = job?.row;
+    crate::defer_before_commit(move |conn: &mut PreCommitConnection<'_>| insert_erased(conn, &row))
+        .map_err(|e| match e {
+            DeferError::NoTransaction => OutboxError::NoTransaction,
+            _ => OutboxError::CommitInFlight,
+        })
 }
 
-/// Writes a row handed over by `defer_durable!` on the inner connection, whatever its type.
-pub(crate) fn insert_erased(
-    conn: &mut dyn std::any::Any,
-    row: &NewRow,
-) -> Option<diesel::QueryResult<Option<i64>>> {
+/// Writes a row handed over by `defer_durable!` on the connection about to commit, whatever its
+/// type, and rings the relays' bell once it commits.
+fn insert_erased(conn: &mut PreCommitConnection<'_>, row: &NewRow) -> diesel::QueryResult<()> {
     #[cfg(feature = "postgres")]
-    if let Some(c) = conn.downcast_mut::<diesel::PgConnection>() {
-        return Some(c.outbox_insert(row));
+    if let Some(c) = conn.connection::<diesel::PgConnection>() {
+        return c.enqueue_row(row);
     }
     #[cfg(feature = "sqlite")]
-    if let Some(c) = conn.downcast_mut::<diesel::SqliteConnection>() {
-        return Some(c.outbox_insert(row));
+    if let Some(c) = conn.connection::<diesel::SqliteConnection>() {
+        return c.enqueue_row(row);
     }
     #[cfg(feature = "mysql")]
-    if let Some(c) = conn.downcast_mut::<diesel::MysqlConnection>() {
-        return Some(c.outbox_insert(row));
+    if let Some(c) = conn.connection::<diesel::MysqlConnection>() {
+        return c.enqueue_row(row);
     }
-    let _ = (conn, row);
-    None
+    let _ = row;
+    Err(diesel::result::Error::QueryBuilderError(
+        format!(
+            "defer_durable! needs a SignalConnection of SqliteConnection, PgConnection or \
+             MysqlConnection; connection {} is a {} one",
+            conn.id(),
+            conn.backend()
+        )
+        .into(),
+    ))
+}
+
+impl<C: OutboxConnection> SignalConnection<C> {
+    fn enqueue_row(&mut self, row: &NewRow) -> diesel::QueryResult<()> {
+        self.outbox_insert(row)?;
+        self.wake_after_commit();
+        Ok(())
+    }
 }
 
 /// The in-process wake-up: relays wait on it when idle; commits of durable jobs ring it.

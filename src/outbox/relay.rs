@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 
 use super::backend::{ClaimedRow, OutboxConnection};
 use super::{bell_generation, valid_queue, wait_for_bell, wake, OutboxError};
-use crate::hooks::panic_message;
+use crate::report::panic_message;
 
 /// The stable id of a durable job (its row id), for idempotent handlers.
 ///

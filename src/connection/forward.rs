@@ -1,0 +1,184 @@
+//! The Diesel traits that make [`SignalConnection`] a drop-in replacement for the connection it
+//! wraps: each forwards to the inner connection. Statements pass through
+//! [`SignalConnection::before_statement`] (refused while the caller's transaction is one the
+//! server ended) and report failures inside a transaction to the server-side checks.
+
+use diesel::connection::{
+    CacheSize, Connection, ConnectionSealed, Instrumentation, LoadConnection, SimpleConnection,
+    TransactionManager, TransactionManagerStatus, WithMetadataLookup,
+};
+use diesel::expression::QueryMetadata;
+use diesel::migration::MigrationConnection;
+use diesel::query_builder::{Query, QueryFragment, QueryId};
+use diesel::result::{ConnectionResult, QueryResult};
+use diesel::sql_types::TypeMetadata;
+
+use super::manager::SignalTransactionManager;
+use super::SignalConnection;
+
+impl<C: Connection + 'static> SimpleConnection for SignalConnection<C> {
+    fn batch_execute(&mut self, query: &str) -> QueryResult<()> {
+        self.before_statement()?;
+        let result = self.inner.batch_execute(query);
+        if self.book.ledger.depth() > 0 {
+            match &result {
+                Ok(()) => self.batch_ran(query),
+                Err(e) => self.statement_failed(Some(e)),
+            }
+        }
+        result
+    }
+}
+
+impl<C: Connection + 'static> ConnectionSealed for SignalConnection<C> {}
+
+impl<C: Connection + 'static> Connection for SignalConnection<C> {
+    type Backend = C::Backend;
+    type TransactionManager = SignalTransactionManager<C>;
+
+    fn establish(database_url: &str) -> ConnectionResult<Self> {
+        C::establish(database_url).map(Self::new)
+    }
+
+    /// As Diesel's, and marks the level so that its hooks are discarded, not run, when the
+    /// connection is dropped: a test transaction never commits. Use
+    /// [`capture_hooks`](SignalConnection::capture_hooks) to run them.
+    fn begin_test_transaction(&mut self) -> QueryResult<()> {
+        match Self::TransactionManager::transaction_manager_status_mut(self) {
+            TransactionManagerStatus::Valid(valid_status) => {
+                assert_eq!(None, valid_status.transaction_depth())
+            }
+            TransactionManagerStatus::InError => panic!("Transaction manager in error"),
+        };
+        Self::TransactionManager::begin_transaction(self)?;
+        Self::TransactionManager::transaction_manager_status_mut(self).set_test_transaction_flag();
+        self.book.ledger.mark_test_transaction();
+        Ok(())
+    }
+
+    fn execute_returning_count<T>(&mut self, source: &T) -> QueryResult<usize>
+    where
+        T: QueryFragment<Self::Backend> + QueryId,
+    {
+        self.before_statement()?;
+        if !T::HAS_STATIC_QUERY_ID {
+            self.book.raw_statement();
+        }
+        let result = self.inner.execute_returning_count(source);
+        if let Err(e) = &result {
+            if self.book.ledger.depth() > 0 {
+                self.statement_failed(Some(e));
+            }
+        }
+        result
+    }
+
+    fn transaction_state(
+        &mut self,
+    ) -> &mut <Self::TransactionManager as TransactionManager<Self>>::TransactionStateData {
+        self.inner.transaction_state()
+    }
+
+    fn instrumentation(&mut self) -> &mut dyn Instrumentation {
+        self.inner.instrumentation()
+    }
+
+    fn set_instrumentation(&mut self, instrumentation: impl Instrumentation) {
+        self.inner.set_instrumentation(instrumentation)
+    }
+
+    fn set_prepared_statement_cache_size(&mut self, size: CacheSize) {
+        self.inner.set_prepared_statement_cache_size(size)
+    }
+}
+
+impl<B, C> LoadConnection<B> for SignalConnection<C>
+where
+    C: LoadConnection<B> + 'static,
+{
+    type Cursor<'conn, 'query>
+        = C::Cursor<'conn, 'query>
+    where
+        Self: 'conn;
+    type Row<'conn, 'query>
+        = C::Row<'conn, 'query>
+    where
+        Self: 'conn;
+
+    fn load<'conn, 'query, T>(
+        &'conn mut self,
+        source: T,
+    ) -> QueryResult<Self::Cursor<'conn, 'query>>
+    where
+        T: Query + QueryFragment<Self::Backend> + QueryId + 'query,
+        Self::Backend: QueryMetadata<T::SqlType>,
+    {
+        self.before_statement()?;
+        if !T::HAS_STATIC_QUERY_ID {
+            self.book.raw_statement();
+        }
+        let result = self.inner.load(source);
+        if result.is_err() && self.book.ledger.depth() > 0 {
+            // The cursor's borrow of `inner` forbids looking now: the next statement or
+            // transaction operation looks first.
+            self.book.check_pending = true;
+        }
+        result
+    }
+}
+
+impl<C: WithMetadataLookup + 'static> WithMetadataLookup for SignalConnection<C> {
+    fn metadata_lookup(&mut self) -> &mut <Self::Backend as TypeMetadata>::MetadataLookup {
+        self.inner.metadata_lookup()
+    }
+}
+
+impl<C: diesel::connection::MultiConnectionHelper + 'static>
+    diesel::connection::MultiConnectionHelper for SignalConnection<C>
+{
+    fn to_any<'a>(
+        lookup: &mut <Self::Backend as TypeMetadata>::MetadataLookup,
+    ) -> &mut (dyn std::any::Any + 'a) {
+        C::to_any(lookup)
+    }
+
+    fn from_any(
+        lookup: &mut dyn std::any::Any,
+    ) -> Option<&mut <Self::Backend as TypeMetadata>::MetadataLookup> {
+        C::from_any(lookup)
+    }
+}
+
+impl<C: MigrationConnection + 'static> MigrationConnection for SignalConnection<C> {
+    fn setup(&mut self) -> QueryResult<usize> {
+        self.inner.setup()
+    }
+}
+
+impl<Changes, Output, C> diesel::query_dsl::UpdateAndFetchResults<Changes, Output>
+    for SignalConnection<C>
+where
+    C: diesel::query_dsl::UpdateAndFetchResults<Changes, Output> + 'static,
+{
+    fn update_and_fetch(&mut self, changeset: Changes) -> QueryResult<Output> {
+        self.inner.update_and_fetch(changeset)
+    }
+}
+
+#[cfg(feature = "r2d2")]
+impl<C: diesel::r2d2::R2D2Connection + 'static> diesel::r2d2::R2D2Connection
+    for SignalConnection<C>
+{
+    fn ping(&mut self) -> QueryResult<()> {
+        self.inner.ping()
+    }
+
+    /// Broken when the inner connection is, or when a transaction (other than a test
+    /// transaction) is still open: the pool then discards it, which rolls the transaction back
+    /// and runs its rollback hooks, so no hook crosses into the connection's next use.
+    fn is_broken(&mut self) -> bool {
+        self.sync();
+        self.inner.is_broken()
+            || (self.book.ledger.depth() > 0 && !self.book.ledger.is_test_transaction())
+    }
+}
