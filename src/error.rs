@@ -126,8 +126,8 @@ impl DatabaseErrorInformation for Lost {
 /// use diesel_transaction_signals::{ConnectionReplaced, SignalConnection};
 ///
 /// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+/// let other = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
 /// let result = conn.transaction(|c| {
-///     let other = SignalConnection::<SqliteConnection>::establish(":memory:")?;
 ///     drop(std::mem::replace(c, other)); // the connection that began the transaction is gone
 ///     QueryResult::Ok(())
 /// });
