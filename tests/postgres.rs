@@ -8,8 +8,8 @@ use common::{items, Recorder};
 use diesel::prelude::*;
 use diesel::r2d2::R2D2Connection;
 use diesel::result::{DatabaseErrorKind, Error};
-use diesel_transaction_signals::TransactionAborted;
 use diesel_transaction_signals::SignalConnection;
+use diesel_transaction_signals::TransactionAborted;
 
 type Conn = SignalConnection<PgConnection>;
 
@@ -282,7 +282,7 @@ fn a_transaction_ended_by_raw_sql_settles_unknown() {
     conn.on_rollback(rec.hook("rollback"));
     conn.on_complete(rec.outcome("complete"));
     conn.batch_execute("COMMIT").unwrap(); // behind the wrapper's back
-    // The caller still believes the transaction open: nothing may run outside it now.
+                                           // The caller still believes the transaction open: nothing may run outside it now.
     assert_eq!(conn.transaction_depth(), 1);
     let refused = insert(&mut conn, &tag, 2).unwrap_err();
     assert!(TransactionAborted::is(&refused), "{refused}");
@@ -291,6 +291,10 @@ fn a_transaction_ended_by_raw_sql_settles_unknown() {
     assert!(TransactionAborted::is(&ended), "{ended}");
     assert_eq!(conn.transaction_depth(), 0);
     assert_eq!(rec.take(), ["complete:Unknown"], "never a hook on a guess");
-    assert_eq!(count(&mut common::pg_plain(), &tag), 1, "it did commit, and only the first row");
+    assert_eq!(
+        count(&mut common::pg_plain(), &tag),
+        1,
+        "it did commit, and only the first row"
+    );
     insert(&mut conn, &tag, 3).expect("the next statement runs again");
 }
