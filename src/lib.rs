@@ -17,6 +17,9 @@
 //!   thread, without a connection handle, as Django's `defer()` did.
 //! - [`SignalConnection::capture_hooks`] takes hooks out of a test transaction, which never
 //!   commits, so a test can run them.
+//! - [`defer_before_commit`] is the extension point for work that must run inside the
+//!   outermost transaction just before COMMIT, without a connection handle; the `outbox`
+//!   feature's durable jobs are built on it.
 //!
 //! # Example
 //!
@@ -58,8 +61,10 @@
 //! | savepoint rolled back | discarded | run at once | run at once, `RolledBack` |
 //! | outermost COMMIT succeeded | run, registration order | discarded | `Committed` |
 //! | rollback, failed COMMIT, aborted transaction, panic, connection dropped | discarded | run | `RolledBack` |
+//! | the database ended the transaction on its own (a deadlock, `INSERT OR ROLLBACK`), even in a swallowed error | discarded | run as the caller ends each level | `RolledBack`; `transaction` returns [`TransactionAborted`], statements are refused meanwhile |
 //! | connection lost during COMMIT | dropped, error logged | dropped, error logged | `Unknown` |
-//! | end of a `begin_test_transaction` | discarded | discarded | discarded |
+//! | `begin_test_transaction` rolled back through the manager | discarded | run | `RolledBack`, no signal |
+//! | connection dropped inside a `begin_test_transaction` | discarded | discarded | discarded |
 //!
 //! Every hook runs at most once and is dropped after; hooks run after the database returned
 //! and the transaction is closed, so they hold no lock. A hook that panics or returns `Err` is
