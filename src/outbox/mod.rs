@@ -22,7 +22,7 @@
 //! |---|---|---|
 //! | runs for rolled-back work | never | never |
 //! | crash between COMMIT and the hook | lost | delivered after restart (or by another relay) |
-//! | delivery | exactly once, in this process, right after COMMIT | at least once: a crash or an expired lease after the handler ran but before its row was deleted runs it again; handlers see a stable [`JobId`] and the attempt number for idempotency |
+//! | delivery | at most once: once, in this process, right after COMMIT, unless the process dies first | at least once: a crash or an expired lease after the handler ran but before its row was deleted runs it again; handlers see a stable [`JobId`] and the attempt number for idempotency |
 //! | cost | a boxed closure | a row insert in the transaction, a claim and a delete (batched) |
 //!
 //! Tables: run [`migrations`] with your `MigrationHarness`, or apply the SQL in
@@ -279,7 +279,9 @@ impl DurableJob {
         self
     }
 
-    /// Run no earlier than `delay` after the enqueueing transaction's start.
+    /// Run no earlier than `delay` after the job was enqueued: on PostgreSQL measured from the
+    /// enqueueing transaction's start (`now()`), on SQLite and MySQL from the INSERT statement
+    /// (for `defer_durable!` without a handle, just before COMMIT).
     ///
     /// ```
     /// # use diesel_transaction_signals::outbox::DurableJob;
