@@ -556,24 +556,25 @@ where
         self
     }
 
-    /// Starts the worker threads. Errors if no handler is registered or a queue name is
-    /// invalid.
+    /// Starts the worker threads.
+    ///
+    /// Errors: [`OutboxError::NoHandlers`] without a handler, [`OutboxError::InvalidQueue`] for
+    /// an invalid queue name, [`OutboxError::Spawn`] when a worker thread cannot be started
+    /// (the workers already started are stopped and joined first).
     ///
     /// ```
     /// # #[cfg(feature = "sqlite")] {
     /// # use diesel::r2d2::{ConnectionManager, Pool};
-    /// # use diesel_transaction_signals::outbox::Relay;
+    /// # use diesel_transaction_signals::outbox::{OutboxError, Relay};
     /// let pool = Pool::builder()
     ///     .build(ConnectionManager::<diesel::SqliteConnection>::new(":memory:"))
     ///     .unwrap();
-    /// assert!(Relay::builder(pool).spawn().is_err(), "no handler");
+    /// assert!(matches!(Relay::builder(pool).spawn(), Err(OutboxError::NoHandlers)));
     /// # }
     /// ```
     pub fn spawn(self) -> Result<RelayHandle, OutboxError> {
         if self.handlers.is_empty() {
-            return Err(OutboxError::InvalidQueue(
-                "<none>: a relay needs at least one handler".into(),
-            ));
+            return Err(OutboxError::NoHandlers);
         }
         if let Some(bad) = self.handlers.keys().find(|q| !valid_queue(q)) {
             return Err(OutboxError::InvalidQueue(bad.clone()));
@@ -606,24 +607,25 @@ where
             shared: shared.clone(),
         });
         let mut threads = Vec::with_capacity(self.concurrency + 1);
+        let mut started = Ok(());
         for n in 0..self.concurrency {
             let w = worker.clone();
-            let spawned = std::thread::Builder::new()
+            started = std::thread::Builder::new()
                 .name(format!("{name}-{n}"))
-                .spawn(move || w.run(n as u64));
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    shared.stop.store(true, Ordering::SeqCst);
-                    wake();
-                    for t in threads {
-                        let _ = t.join();
-                    }
-                    return Err(OutboxError::Database(
-                        diesel::result::Error::QueryBuilderError(Box::new(e)),
-                    ));
-                }
+                .spawn(move || w.run(n as u64))
+                .map(|t| threads.push(t));
+            if started.is_err() {
+                break;
             }
+        }
+        if let Err(e) = started {
+            // Stop what did start: its workers release what they claimed.
+            shared.stop.store(true, Ordering::SeqCst);
+            wake();
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(OutboxError::Spawn(e));
         }
         #[cfg(feature = "outbox-listen")]
         if let Some(url) = self.listen {
@@ -770,7 +772,7 @@ where
     }
 
     fn run(&self, n: u64) {
-        let mut rng = Rng::new(n);
+        let mut rng = fastrand::Rng::new();
         let mut last_unknown_check: Option<Instant> = None;
         while !self.stopping() {
             let seen = bell_generation();
@@ -813,7 +815,7 @@ where
         }
     }
 
-    fn run_batch(&self, conn: &mut C, rows: Vec<ClaimedRow>, rng: &mut Rng) {
+    fn run_batch(&self, conn: &mut C, rows: Vec<ClaimedRow>, rng: &mut fastrand::Rng) {
         let mut done = Vec::with_capacity(rows.len());
         let mut rows = rows.into_iter();
         while let Some(row) = rows.next() {
@@ -866,9 +868,9 @@ where
         }
     }
 
-    fn fail(&self, conn: &mut C, job: &Job, error: &str, rng: &mut Rng) {
+    fn fail(&self, conn: &mut C, job: &Job, error: &str, rng: &mut fastrand::Rng) {
         let dead = job.attempt >= job.max_attempts;
-        let delay = self.backoff.jittered(job.attempt, rng.next_f64());
+        let delay = self.backoff.jittered(job.attempt, rng.f64());
         let delay_ms = delay.as_millis().min(i64::MAX as u128) as i64;
         match conn.outbox_fail(&self.name, job.id.0, error, delay_ms, dead) {
             Ok(true) => {}
@@ -962,24 +964,5 @@ fn listen(url: String, shared: Arc<Shared>, interval: Duration) {
                 }
             }
         }
-    }
-}
-
-/// A small xorshift generator for retry jitter (no need for cryptographic randomness).
-struct Rng(u64);
-
-impl Rng {
-    fn new(n: u64) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        Rng((nanos ^ (n.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1)
-    }
-
-    fn next_f64(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
     }
 }
