@@ -425,8 +425,11 @@ where
         self
     }
 
-    /// The relay's name, recorded in `locked_by` and in log lines (default: host, pid and a
-    /// counter).
+    /// The relay's name, for log lines and thread names (default: `relay-<pid>-<counter>`).
+    ///
+    /// Each worker records its leases in `locked_by` as `<name>/<worker>/<nonce>`, with a
+    /// random nonce drawn at each `spawn()`: a worker completes, fails or releases only rows
+    /// leased to itself, never a sibling's or another relay's (even one with the same name).
     ///
     /// ```
     /// # #[cfg(feature = "sqlite")] {
@@ -598,6 +601,7 @@ where
             pool: self.pool,
             handlers: self.handlers,
             name: name.clone(),
+            nonce: fastrand::u64(..),
             queues_json,
             batch_size: self.batch_size,
             lease_ms: self.lease.as_millis().min(i64::MAX as u128) as i64,
@@ -754,6 +758,9 @@ where
     pool: Pool<ConnectionManager<C>>,
     handlers: HashMap<String, Handler>,
     name: String,
+    /// Drawn at each `spawn()`: with the worker's index it makes its lease owner unique, even
+    /// among relays given the same name.
+    nonce: u64,
     queues_json: String,
     batch_size: i64,
     lease_ms: i64,
@@ -773,6 +780,7 @@ where
 
     fn run(&self, n: u64) {
         let mut rng = fastrand::Rng::new();
+        let owner = lease_owner(&self.name, n, self.nonce);
         let mut last_unknown_check: Option<Instant> = None;
         while !self.stopping() {
             let seen = bell_generation();
@@ -786,7 +794,7 @@ where
                 }
             };
             let mut rows = match conn.outbox_claim(
-                &self.name,
+                &owner,
                 &self.queues_json,
                 self.batch_size,
                 self.lease_ms,
@@ -811,11 +819,11 @@ where
             }
             // RETURNING gives no order: run the batch in due order, oldest first.
             rows.sort_unstable_by_key(|r| (r.run_at, r.id));
-            self.run_batch(&mut conn, rows, &mut rng);
+            self.run_batch(&mut conn, &owner, rows, &mut rng);
         }
     }
 
-    fn run_batch(&self, conn: &mut C, rows: Vec<ClaimedRow>, rng: &mut fastrand::Rng) {
+    fn run_batch(&self, conn: &mut C, owner: &str, rows: Vec<ClaimedRow>, rng: &mut fastrand::Rng) {
         let mut done = Vec::with_capacity(rows.len());
         let mut rows = rows.into_iter();
         while let Some(row) = rows.next() {
@@ -823,7 +831,7 @@ where
                 let rest: Vec<i64> = std::iter::once(row.id)
                     .chain(rows.by_ref().map(|r| r.id))
                     .collect();
-                match conn.outbox_release(&self.name, &rest) {
+                match conn.outbox_release(owner, &rest) {
                     Ok(()) => {
                         self.shared
                             .counters
@@ -839,7 +847,7 @@ where
             let job = Job::from_row(row);
             let Some(handler) = self.handlers.get(job.queue()) else {
                 // The claim only takes queues with a handler; keep the row if one slips by.
-                let _ = conn.outbox_release(&self.name, &[job.id.0]);
+                let _ = conn.outbox_release(owner, &[job.id.0]);
                 continue;
             };
             let outcome = match catch_unwind(AssertUnwindSafe(|| handler(&job))) {
@@ -849,18 +857,25 @@ where
             };
             match outcome {
                 Ok(()) => done.push(job.id.0),
-                Err(error) => self.fail(conn, &job, &error, rng),
+                Err(error) => self.fail(conn, owner, &job, &error, rng),
             }
         }
         if done.is_empty() {
             return;
         }
-        match conn.outbox_complete(&done) {
-            Ok(()) => {
+        match conn.outbox_complete(owner, &done) {
+            Ok(deleted) => {
                 self.shared
                     .counters
                     .delivered
-                    .fetch_add(done.len() as u64, Ordering::Relaxed);
+                    .fetch_add(deleted as u64, Ordering::Relaxed);
+                if deleted < done.len() {
+                    log::warn!(target: "diesel_transaction_signals",
+                        "outbox relay {}: {} of {} succeeded jobs were no longer leased to this \
+                         worker (their lease expired and another worker took them, or they are \
+                         gone); that worker's attempt decides", self.name,
+                        done.len() - deleted, done.len());
+                }
             }
             Err(e) => log::error!(target: "diesel_transaction_signals",
                 "outbox relay {}: deleting {} delivered jobs failed ({e}); they will be \
@@ -868,16 +883,16 @@ where
         }
     }
 
-    fn fail(&self, conn: &mut C, job: &Job, error: &str, rng: &mut fastrand::Rng) {
+    fn fail(&self, conn: &mut C, owner: &str, job: &Job, error: &str, rng: &mut fastrand::Rng) {
         let dead = job.attempt >= job.max_attempts;
         let delay = self.backoff.jittered(job.attempt, rng.f64());
         let delay_ms = delay.as_millis().min(i64::MAX as u128) as i64;
-        match conn.outbox_fail(&self.name, job.id.0, error, delay_ms, dead) {
+        match conn.outbox_fail(owner, job.id.0, error, delay_ms, dead) {
             Ok(true) => {}
             Ok(false) => {
                 log::warn!(target: "diesel_transaction_signals",
                     "outbox relay {}: job {} ({}) failed attempt {} after its lease expired and \
-                     another relay took it; that relay's attempt decides: {error}",
+                     another worker took it; that worker's attempt decides: {error}",
                     self.name, job.id, job.queue, job.attempt);
                 return;
             }
@@ -964,5 +979,32 @@ fn listen(url: String, shared: Arc<Shared>, interval: Duration) {
                 }
             }
         }
+    }
+}
+
+/// The lease owner a worker records in `locked_by`: `<name>/<worker>/<nonce>`, the name cut
+/// (at a character boundary) so the whole fits MySQL's `VARCHAR(191)`.
+fn lease_owner(name: &str, worker: u64, nonce: u64) -> String {
+    let suffix = format!("/{worker}/{nonce:016x}");
+    let mut cut = name.len().min(191 - suffix.len());
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{suffix}", &name[..cut])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lease_owner;
+
+    #[test]
+    fn lease_owners_differ_per_worker_and_spawn_and_fit_191_bytes() {
+        assert_eq!(lease_owner("mailer", 1, 0xab), "mailer/1/00000000000000ab");
+        assert_ne!(lease_owner("r", 0, 1), lease_owner("r", 1, 1));
+        assert_ne!(lease_owner("r", 0, 1), lease_owner("r", 0, 2));
+        let long = "é".repeat(200);
+        let owner = lease_owner(&long, 7, u64::MAX);
+        assert!(owner.len() <= 191, "{}", owner.len());
+        assert!(owner.ends_with("/7/ffffffffffffffff"));
     }
 }
