@@ -67,6 +67,8 @@
 //! ```
 
 mod backend;
+#[cfg(feature = "outbox-listen")]
+mod listen;
 mod relay;
 
 use std::fmt;

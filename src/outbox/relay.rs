@@ -341,7 +341,8 @@ impl Relay {
 ///   commits in this process wake it at once.
 /// - `backoff(b)`: retry delays ([`Backoff`]).
 /// - `listen(url)` (feature `outbox-listen`, PostgreSQL): also wake on `NOTIFY dts_outbox`
-///   from other processes.
+///   from other processes, through a `PgConnection` to `url` (same URL syntax and TLS options
+///   as the pool).
 ///
 /// ```
 /// # #[cfg(feature = "sqlite")] {
@@ -542,7 +543,17 @@ where
     }
 
     /// Also wake when another process commits jobs: `LISTEN dts_outbox` on a dedicated
-    /// PostgreSQL connection to `database_url`.
+    /// Diesel `PgConnection` to `database_url`, so the URL takes what the pool's URL takes
+    /// (libpq's URI or `key=value` syntax, `sslmode` and the other TLS options).
+    ///
+    /// The listener thread checks for notifications every 50 ms. If it cannot connect or
+    /// `LISTEN`, or loses its connection, it logs one warning, retries with exponential backoff
+    /// (100 ms doubling up to 30 s, logged at debug level only) and logs one info line
+    /// "listener reconnected" when it is back; meanwhile the workers keep polling every
+    /// [`poll_interval`](Self::poll_interval), so choose that with the outage in mind. A
+    /// listener thread that cannot be started makes [`spawn`](Self::spawn) return
+    /// [`OutboxError::Spawn`]. Connecting blocks shutdown until it ends: add
+    /// `connect_timeout` to the URL if the server may be unreachable.
     ///
     /// ```
     /// # #[cfg(feature = "outbox-listen")] {
@@ -559,11 +570,11 @@ where
         self
     }
 
-    /// Starts the worker threads.
+    /// Starts the worker threads (and the listener thread of [`listen`](Self::listen)).
     ///
     /// Errors: [`OutboxError::NoHandlers`] without a handler, [`OutboxError::InvalidQueue`] for
-    /// an invalid queue name, [`OutboxError::Spawn`] when a worker thread cannot be started
-    /// (the workers already started are stopped and joined first).
+    /// an invalid queue name, [`OutboxError::Spawn`] when a thread cannot be started (the
+    /// listener's included; the threads already started are stopped and joined first).
     ///
     /// ```
     /// # #[cfg(feature = "sqlite")] {
@@ -622,6 +633,16 @@ where
                 break;
             }
         }
+        #[cfg(feature = "outbox-listen")]
+        if let (Ok(()), Some(url)) = (&started, self.listen) {
+            let s = shared.clone();
+            let relay = name.clone();
+            let stopping = move || s.stop.load(Ordering::SeqCst);
+            started = std::thread::Builder::new()
+                .name(format!("{name}-listen"))
+                .spawn(move || super::listen::run(&url, &relay, stopping))
+                .map(|t| threads.push(t));
+        }
         if let Err(e) = started {
             // Stop what did start: its workers release what they claimed.
             shared.stop.store(true, Ordering::SeqCst);
@@ -630,17 +651,6 @@ where
                 let _ = t.join();
             }
             return Err(OutboxError::Spawn(e));
-        }
-        #[cfg(feature = "outbox-listen")]
-        if let Some(url) = self.listen {
-            let s = shared.clone();
-            let interval = self.poll_interval;
-            if let Ok(t) = std::thread::Builder::new()
-                .name(format!("{name}-listen"))
-                .spawn(move || listen(url, s, interval))
-            {
-                threads.push(t);
-            }
         }
         log::info!(target: "diesel_transaction_signals", "outbox relay {name} started");
         Ok(RelayHandle {
@@ -932,52 +942,6 @@ where
             }
             Err(e) => log::debug!(target: "diesel_transaction_signals",
                 "outbox relay {}: unknown-queue check failed: {e}", self.name),
-        }
-    }
-}
-
-/// Rings the in-process bell on every `NOTIFY dts_outbox` (PostgreSQL).
-#[cfg(feature = "outbox-listen")]
-fn listen(url: String, shared: Arc<Shared>, interval: Duration) {
-    use postgres::fallible_iterator::FallibleIterator;
-    while !shared.stop.load(Ordering::SeqCst) {
-        let mut client = match postgres::Client::connect(&url, postgres::NoTls) {
-            Ok(c) => c,
-            Err(e) => {
-                log::warn!(target: "diesel_transaction_signals",
-                    "outbox listener: cannot connect: {e}");
-                wait_for_bell(bell_generation(), interval);
-                continue;
-            }
-        };
-        if let Err(e) = client.batch_execute("LISTEN dts_outbox") {
-            log::warn!(target: "diesel_transaction_signals", "outbox listener: LISTEN failed: {e}");
-            continue;
-        }
-        // Anything committed before LISTEN took effect is found by the next claim.
-        wake();
-        loop {
-            if shared.stop.load(Ordering::SeqCst) {
-                return;
-            }
-            // Bounded so that shutdown is noticed quickly whatever the poll interval.
-            let wait = interval.min(Duration::from_millis(200));
-            let next = client.notifications().timeout_iter(wait).next();
-            match next {
-                Ok(Some(_)) => {
-                    // Drain what else arrived, then ring once.
-                    let mut notifications = client.notifications();
-                    let mut pending = notifications.iter();
-                    while let Ok(Some(_)) = pending.next() {}
-                    wake();
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    log::warn!(target: "diesel_transaction_signals",
-                        "outbox listener: connection lost ({e}); reconnecting");
-                    break;
-                }
-            }
         }
     }
 }
