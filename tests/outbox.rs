@@ -332,6 +332,93 @@ macro_rules! outbox_suite {
                 );
             }
 
+            /// The workers of one relay each own their leases. Worker X's first attempt
+            /// outlives its lease, worker Y claims the job again (attempt 2) and is still
+            /// running it when X's attempt fails. When all workers of a relay recorded the same
+            /// `locked_by`, X's failure matched Y's live lease, cleared it and made the job due
+            /// at once, so a third attempt started while Y still ran the second.
+            #[test]
+            fn a_worker_past_its_lease_leaves_the_lease_of_a_sibling_worker_alone() {
+                let logs = common::logger();
+                let db = db();
+                let q = queue("siblings");
+                // Attempt 2 holds this lease while the test watches for a third attempt.
+                let lease = Duration::from_secs(3);
+                let window = Duration::from_secs(1);
+                let (started_tx, started) = mpsc::channel::<u32>();
+                let started_tx = std::sync::Mutex::new(started_tx);
+                let (gate1, gate1_rx) = mpsc::channel::<()>();
+                let (gate2, gate2_rx) = mpsc::channel::<()>();
+                let gates = std::sync::Mutex::new((gate1_rx, gate2_rx));
+                let relay = Relay::builder(db.pool.clone())
+                    .handler(&q, move |job| {
+                        started_tx.lock().unwrap().send(job.attempt())?;
+                        // Bounded waits, so a failing test cannot hang the relay's drop.
+                        match job.attempt() {
+                            1 => {
+                                let gate = gates.lock().unwrap().0.recv_timeout(PATIENCE);
+                                gate?;
+                                Err("attempt 1 failed after its lease expired".into())
+                            }
+                            2 => {
+                                let gate = gates.lock().unwrap().1.recv_timeout(PATIENCE);
+                                gate?;
+                                Ok(())
+                            }
+                            _ => Ok(()),
+                        }
+                    })
+                    .concurrency(2)
+                    .lease(lease)
+                    .poll_interval(Duration::from_millis(10))
+                    .backoff(
+                        Backoff::new(Duration::from_millis(1), Duration::from_millis(1))
+                            .jitter(0.0),
+                    )
+                    .spawn()
+                    .unwrap();
+                let id = db
+                    .pool
+                    .get()
+                    .unwrap()
+                    .defer_durable(&q, &1)
+                    .unwrap()
+                    .expect("a new job");
+                assert_eq!(started.recv_timeout(PATIENCE).unwrap(), 1);
+                // The other worker claims it again once the lease has expired.
+                assert_eq!(started.recv_timeout(PATIENCE).unwrap(), 2);
+                gate1.send(()).unwrap();
+                // Wait until attempt 1's failure has been dealt with (logged either way).
+                let line = format!("job {id} ({q}) failed attempt 1");
+                let me = format!("outbox relay {}:", relay.name());
+                let deadline = std::time::Instant::now() + PATIENCE;
+                while logs.matching(log::Level::Warn, &[&me, &line]).is_empty() {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "attempt 1 never recorded"
+                    );
+                    std::thread::yield_now();
+                }
+                // Attempt 2's lease holds for `lease`; nothing may run the job meanwhile.
+                let third = started.recv_timeout(window);
+                assert!(
+                    third.is_err(),
+                    "attempt {third:?} started while attempt 2 still held its lease"
+                );
+                gate2.send(()).unwrap();
+                let deadline = std::time::Instant::now() + PATIENCE;
+                while !rows(&db, &q).is_empty() {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "attempt 2 never completed"
+                    );
+                    std::thread::yield_now();
+                }
+                let stats = relay.shutdown();
+                assert_eq!((stats.delivered, stats.retried, stats.dead), (1, 0, 0));
+                assert!(started.try_recv().is_err(), "no attempt after the delivery");
+            }
+
             #[test]
             fn defer_durable_without_a_handle_writes_at_commit() {
                 let db = db();

@@ -86,46 +86,41 @@ pub trait OutboxConnection: Connection + sealed::Sealed + Send + 'static {
     #[doc(hidden)]
     fn outbox_claim(
         &mut self,
-        relay: &str,
+        owner: &str,
         queues_json: &str,
         limit: i64,
         lease_ms: i64,
     ) -> QueryResult<Vec<ClaimedRow>>;
+    /// Deletes the rows of `ids` still leased to `owner` (a worker's lease owner); returns how
+    /// many it deleted. A row whose lease expired and which another worker claimed since is
+    /// left to that worker.
     #[doc(hidden)]
-    fn outbox_complete(&mut self, ids: &[i64]) -> QueryResult<()>;
+    fn outbox_complete(&mut self, owner: &str, ids: &[i64]) -> QueryResult<usize>;
     #[doc(hidden)]
-    /// Records a failed attempt; returns `false` when the row is no longer leased to `relay`
-    /// (its lease expired and another relay took it: nothing is changed then).
+    /// Records a failed attempt; returns `false` when the row is no longer leased to `owner`
+    /// (its lease expired and another worker took it: nothing is changed then).
     fn outbox_fail(
         &mut self,
-        relay: &str,
+        owner: &str,
         id: i64,
         error: &str,
         delay_ms: i64,
         dead: bool,
     ) -> QueryResult<bool>;
     #[doc(hidden)]
-    fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()>;
+    fn outbox_release(&mut self, owner: &str, ids: &[i64]) -> QueryResult<()>;
     #[doc(hidden)]
     fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>>;
 }
 
-/// Deletes delivered rows (SQLite and MySQL; PostgreSQL binds an array instead).
+/// `DELETE` of delivered rows still leased to the owner bound as `?` (SQLite and MySQL;
+/// PostgreSQL binds an array instead).
 #[cfg(any(feature = "sqlite", feature = "mysql"))]
-fn delete_ids<Conn>(conn: &mut Conn, ids: &[i64]) -> QueryResult<()>
-where
-    Conn: Connection,
-    diesel::query_builder::SqlQuery: diesel::query_dsl::methods::ExecuteDsl<Conn>,
-{
-    if ids.is_empty() {
-        return Ok(());
-    }
-    diesel::sql_query(format!(
-        "DELETE FROM dts_outbox WHERE id IN ({})",
+fn delete_sql(ids: &[i64]) -> String {
+    format!(
+        "DELETE FROM dts_outbox WHERE id IN ({}) AND locked_by = ?",
         id_list(ids)
-    ))
-    .execute(conn)
-    .map(drop)
+    )
 }
 
 pub(crate) fn id_list(ids: &[i64]) -> String {
@@ -152,30 +147,30 @@ impl<C: OutboxConnection> OutboxConnection for SignalConnection<C> {
     }
     fn outbox_claim(
         &mut self,
-        relay: &str,
+        owner: &str,
         queues_json: &str,
         limit: i64,
         lease_ms: i64,
     ) -> QueryResult<Vec<ClaimedRow>> {
         self.inner_mut()
-            .outbox_claim(relay, queues_json, limit, lease_ms)
+            .outbox_claim(owner, queues_json, limit, lease_ms)
     }
-    fn outbox_complete(&mut self, ids: &[i64]) -> QueryResult<()> {
-        self.inner_mut().outbox_complete(ids)
+    fn outbox_complete(&mut self, owner: &str, ids: &[i64]) -> QueryResult<usize> {
+        self.inner_mut().outbox_complete(owner, ids)
     }
     fn outbox_fail(
         &mut self,
-        relay: &str,
+        owner: &str,
         id: i64,
         error: &str,
         delay_ms: i64,
         dead: bool,
     ) -> QueryResult<bool> {
         self.inner_mut()
-            .outbox_fail(relay, id, error, delay_ms, dead)
+            .outbox_fail(owner, id, error, delay_ms, dead)
     }
-    fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()> {
-        self.inner_mut().outbox_release(relay, ids)
+    fn outbox_release(&mut self, owner: &str, ids: &[i64]) -> QueryResult<()> {
+        self.inner_mut().outbox_release(owner, ids)
     }
     fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>> {
         self.inner_mut().outbox_unknown_queues(queues_json)
@@ -189,7 +184,7 @@ macro_rules! question_mark_fail_and_release {
     () => {
         fn outbox_fail(
             &mut self,
-            relay: &str,
+            owner: &str,
             id: i64,
             error: &str,
             delay_ms: i64,
@@ -203,12 +198,12 @@ macro_rules! question_mark_fail_and_release {
             .bind::<BigInt, _>(delay_ms)
             .bind::<Integer, _>(if dead { 2 } else { 0 })
             .bind::<BigInt, _>(id)
-            .bind::<Text, _>(relay)
+            .bind::<Text, _>(owner)
             .execute(self)
             .map(|n| n == 1)
         }
 
-        fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()> {
+        fn outbox_release(&mut self, owner: &str, ids: &[i64]) -> QueryResult<()> {
             if ids.is_empty() {
                 return Ok(());
             }
@@ -217,7 +212,7 @@ macro_rules! question_mark_fail_and_release {
                  attempts = attempts - 1 WHERE id IN ({}) AND locked_by = ?",
                 id_list(ids)
             ))
-            .bind::<Text, _>(relay)
+            .bind::<Text, _>(owner)
             .execute(self)
             .map(drop)
         }
@@ -298,10 +293,10 @@ mod pg {
 
     // `id = ANY(ARRAY(subquery))`: the outer UPDATE finds the claimed rows by primary key
     // instead of hashing a sequential scan of the whole table against them.
-    cached_statement!(Claim { lease_ms: i64, relay: &'a str, queues_json: &'a str,
+    cached_statement!(Claim { lease_ms: i64, owner: &'a str, queues_json: &'a str,
                               limit: i64 } => [
         concat!("UPDATE dts_outbox SET locked_until = ", now_ms!(), " + "),
-        (BigInt, lease_ms), ", locked_by = ", (Text, relay),
+        (BigInt, lease_ms), ", locked_by = ", (Text, owner),
         concat!(
             ", attempts = attempts + 1 WHERE id = ANY(ARRAY(SELECT id FROM dts_outbox ",
             "WHERE state = 0 AND run_at <= ", now_ms!(),
@@ -313,8 +308,9 @@ mod pg {
          RETURNING id, queue, payload, attempts, max_attempts, idempotency_key, run_at",
     ]);
 
-    cached_statement!(Complete { ids: &'a [i64] } => [
-        "DELETE FROM dts_outbox WHERE id = ANY(", (Array<BigInt>, ids), ")",
+    cached_statement!(Complete { ids: &'a [i64], owner: &'a str } => [
+        "DELETE FROM dts_outbox WHERE id = ANY(", (Array<BigInt>, ids), ") AND locked_by = ",
+        (Text, owner), "",
     ]);
 
     const NOW_MS: &str = now_ms!();
@@ -322,11 +318,11 @@ mod pg {
     impl sealed::Sealed for PgConnection {}
 
     impl OutboxConnection for PgConnection {
-        fn outbox_complete(&mut self, ids: &[i64]) -> QueryResult<()> {
+        fn outbox_complete(&mut self, owner: &str, ids: &[i64]) -> QueryResult<usize> {
             if ids.is_empty() {
-                return Ok(());
+                return Ok(0);
             }
-            Complete { ids }.execute(self).map(drop)
+            Complete { ids, owner }.execute(self)
         }
 
         fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
@@ -357,14 +353,14 @@ mod pg {
 
         fn outbox_claim(
             &mut self,
-            relay: &str,
+            owner: &str,
             queues_json: &str,
             limit: i64,
             lease_ms: i64,
         ) -> QueryResult<Vec<ClaimedRow>> {
             Claim {
                 lease_ms,
-                relay,
+                owner,
                 queues_json,
                 limit,
             }
@@ -373,7 +369,7 @@ mod pg {
 
         fn outbox_fail(
             &mut self,
-            relay: &str,
+            owner: &str,
             id: i64,
             error: &str,
             delay_ms: i64,
@@ -387,12 +383,12 @@ mod pg {
             .bind::<BigInt, _>(delay_ms)
             .bind::<Integer, _>(if dead { 2 } else { 0 })
             .bind::<BigInt, _>(id)
-            .bind::<Text, _>(relay)
+            .bind::<Text, _>(owner)
             .execute(self)
             .map(|n| n == 1)
         }
 
-        fn outbox_release(&mut self, relay: &str, ids: &[i64]) -> QueryResult<()> {
+        fn outbox_release(&mut self, owner: &str, ids: &[i64]) -> QueryResult<()> {
             if ids.is_empty() {
                 return Ok(());
             }
@@ -401,7 +397,7 @@ mod pg {
                  attempts = attempts - 1 WHERE id IN ({}) AND locked_by = $1",
                 id_list(ids)
             ))
-            .bind::<Text, _>(relay)
+            .bind::<Text, _>(owner)
             .execute(self)
             .map(drop)
         }
@@ -428,8 +424,13 @@ mod sqlite {
     impl sealed::Sealed for SqliteConnection {}
 
     impl OutboxConnection for SqliteConnection {
-        fn outbox_complete(&mut self, ids: &[i64]) -> QueryResult<()> {
-            delete_ids(self, ids)
+        fn outbox_complete(&mut self, owner: &str, ids: &[i64]) -> QueryResult<usize> {
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            diesel::sql_query(delete_sql(ids))
+                .bind::<Text, _>(owner)
+                .execute(self)
         }
 
         fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
@@ -449,7 +450,7 @@ mod sqlite {
 
         fn outbox_claim(
             &mut self,
-            relay: &str,
+            owner: &str,
             queues_json: &str,
             limit: i64,
             lease_ms: i64,
@@ -466,7 +467,7 @@ mod sqlite {
                  RETURNING id, queue, payload, attempts, max_attempts, idempotency_key, run_at"
             ))
             .bind::<BigInt, _>(lease_ms)
-            .bind::<Text, _>(relay)
+            .bind::<Text, _>(owner)
             .bind::<Text, _>(queues_json)
             .bind::<BigInt, _>(limit)
             .load(self)
@@ -496,8 +497,13 @@ mod mysql {
     impl sealed::Sealed for MysqlConnection {}
 
     impl OutboxConnection for MysqlConnection {
-        fn outbox_complete(&mut self, ids: &[i64]) -> QueryResult<()> {
-            delete_ids(self, ids)
+        fn outbox_complete(&mut self, owner: &str, ids: &[i64]) -> QueryResult<usize> {
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            diesel::sql_query(delete_sql(ids))
+                .bind::<Text, _>(owner)
+                .execute(self)
         }
 
         fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
@@ -527,7 +533,7 @@ mod mysql {
 
         fn outbox_claim(
             &mut self,
-            relay: &str,
+            owner: &str,
             queues_json: &str,
             limit: i64,
             lease_ms: i64,
@@ -553,7 +559,7 @@ mod mysql {
                      attempts = attempts + 1 WHERE id IN ({list})"
                 ))
                 .bind::<BigInt, _>(lease_ms)
-                .bind::<Text, _>(relay)
+                .bind::<Text, _>(owner)
                 .execute(conn)?;
                 diesel::sql_query(format!(
                     "SELECT id, queue, payload, attempts, max_attempts, idempotency_key, run_at \

@@ -67,6 +67,8 @@
 //! ```
 
 mod backend;
+#[cfg(feature = "outbox-listen")]
+mod listen;
 mod relay;
 
 use std::fmt;
@@ -133,13 +135,27 @@ pub mod sql {
         include_str!("../../migrations/outbox/mysql/2026-11-26-000100_create_dts_outbox/down.sql");
 }
 
-/// Why a durable job could not be enqueued.
+/// Why a durable job could not be enqueued, or a [`Relay`] could not start.
 ///
 /// ```
 /// use diesel_transaction_signals::outbox::{DurableJob, OutboxError};
 ///
 /// let err = DurableJob::new("bad queue name!", &1).unwrap_err();
 /// assert!(matches!(err, OutboxError::InvalidQueue(_)));
+/// ```
+///
+/// Each variant says what failed:
+///
+/// ```
+/// use diesel_transaction_signals::outbox::OutboxError;
+///
+/// assert_eq!(
+///     OutboxError::NoHandlers.to_string(),
+///     "a relay needs at least one handler: call RelayBuilder::handler before spawn"
+/// );
+/// let spawn = OutboxError::Spawn(std::io::Error::other("out of threads"));
+/// assert_eq!(spawn.to_string(), "the relay could not start a thread: out of threads");
+/// assert!(std::error::Error::source(&spawn).is_some());
 /// ```
 #[derive(Debug)]
 #[non_exhaustive]
@@ -156,6 +172,32 @@ pub enum OutboxError {
     /// `Instrumentation` callback, or another thread): the row could not be written inside it,
     /// and was not written at all.
     CommitInFlight,
+    /// [`RelayBuilder::spawn`] without any [`RelayBuilder::handler`].
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::r2d2::{ConnectionManager, Pool};
+    /// use diesel_transaction_signals::outbox::{OutboxError, Relay};
+    ///
+    /// let pool = Pool::builder()
+    ///     .build(ConnectionManager::<diesel::SqliteConnection>::new(":memory:"))
+    ///     .unwrap();
+    /// assert!(matches!(Relay::builder(pool).spawn(), Err(OutboxError::NoHandlers)));
+    /// # }
+    /// ```
+    NoHandlers,
+    /// [`RelayBuilder::spawn`] could not start one of the relay's threads (a worker, or the
+    /// listener of `listen`); the threads it had started are stopped again.
+    ///
+    /// ```
+    /// use diesel_transaction_signals::outbox::OutboxError;
+    ///
+    /// fn out_of_threads(e: &OutboxError) -> bool {
+    ///     matches!(e, OutboxError::Spawn(io) if io.kind() == std::io::ErrorKind::WouldBlock)
+    /// }
+    /// # let _ = out_of_threads;
+    /// ```
+    Spawn(std::io::Error),
 }
 
 impl fmt::Display for OutboxError {
@@ -173,6 +215,10 @@ impl fmt::Display for OutboxError {
             OutboxError::CommitInFlight => f.write_str(
                 "defer_durable! came while the transaction's COMMIT was in flight: no row was written",
             ),
+            OutboxError::NoHandlers => f.write_str(
+                "a relay needs at least one handler: call RelayBuilder::handler before spawn",
+            ),
+            OutboxError::Spawn(e) => write!(f, "the relay could not start a thread: {e}"),
         }
     }
 }
@@ -182,6 +228,7 @@ impl std::error::Error for OutboxError {
         match self {
             OutboxError::Serialize(e) => Some(e),
             OutboxError::Database(e) => Some(e),
+            OutboxError::Spawn(e) => Some(e),
             _ => None,
         }
     }

@@ -341,7 +341,8 @@ impl Relay {
 ///   commits in this process wake it at once.
 /// - `backoff(b)`: retry delays ([`Backoff`]).
 /// - `listen(url)` (feature `outbox-listen`, PostgreSQL): also wake on `NOTIFY dts_outbox`
-///   from other processes.
+///   from other processes, through a `PgConnection` to `url` (same URL syntax and TLS options
+///   as the pool).
 ///
 /// ```
 /// # #[cfg(feature = "sqlite")] {
@@ -425,8 +426,11 @@ where
         self
     }
 
-    /// The relay's name, recorded in `locked_by` and in log lines (default: host, pid and a
-    /// counter).
+    /// The relay's name, for log lines and thread names (default: `relay-<pid>-<counter>`).
+    ///
+    /// Each worker records its leases in `locked_by` as `<name>/<worker>/<nonce>`, with a
+    /// random nonce drawn at each `spawn()`: a worker completes, fails or releases only rows
+    /// leased to itself, never a sibling's or another relay's (even one with the same name).
     ///
     /// ```
     /// # #[cfg(feature = "sqlite")] {
@@ -539,7 +543,17 @@ where
     }
 
     /// Also wake when another process commits jobs: `LISTEN dts_outbox` on a dedicated
-    /// PostgreSQL connection to `database_url`.
+    /// Diesel `PgConnection` to `database_url`, so the URL takes what the pool's URL takes
+    /// (libpq's URI or `key=value` syntax, `sslmode` and the other TLS options).
+    ///
+    /// The listener thread checks for notifications every 50 ms. If it cannot connect or
+    /// `LISTEN`, or loses its connection, it logs one warning, retries with exponential backoff
+    /// (100 ms doubling up to 30 s, logged at debug level only) and logs one info line
+    /// "listener reconnected" when it is back; meanwhile the workers keep polling every
+    /// [`poll_interval`](Self::poll_interval), so choose that with the outage in mind. A
+    /// listener thread that cannot be started makes [`spawn`](Self::spawn) return
+    /// [`OutboxError::Spawn`]. Connecting blocks shutdown until it ends: add
+    /// `connect_timeout` to the URL if the server may be unreachable.
     ///
     /// ```
     /// # #[cfg(feature = "outbox-listen")] {
@@ -556,24 +570,25 @@ where
         self
     }
 
-    /// Starts the worker threads. Errors if no handler is registered or a queue name is
-    /// invalid.
+    /// Starts the worker threads (and the listener thread of [`listen`](Self::listen)).
+    ///
+    /// Errors: [`OutboxError::NoHandlers`] without a handler, [`OutboxError::InvalidQueue`] for
+    /// an invalid queue name, [`OutboxError::Spawn`] when a thread cannot be started (the
+    /// listener's included; the threads already started are stopped and joined first).
     ///
     /// ```
     /// # #[cfg(feature = "sqlite")] {
     /// # use diesel::r2d2::{ConnectionManager, Pool};
-    /// # use diesel_transaction_signals::outbox::Relay;
+    /// # use diesel_transaction_signals::outbox::{OutboxError, Relay};
     /// let pool = Pool::builder()
     ///     .build(ConnectionManager::<diesel::SqliteConnection>::new(":memory:"))
     ///     .unwrap();
-    /// assert!(Relay::builder(pool).spawn().is_err(), "no handler");
+    /// assert!(matches!(Relay::builder(pool).spawn(), Err(OutboxError::NoHandlers)));
     /// # }
     /// ```
     pub fn spawn(self) -> Result<RelayHandle, OutboxError> {
         if self.handlers.is_empty() {
-            return Err(OutboxError::InvalidQueue(
-                "<none>: a relay needs at least one handler".into(),
-            ));
+            return Err(OutboxError::NoHandlers);
         }
         if let Some(bad) = self.handlers.keys().find(|q| !valid_queue(q)) {
             return Err(OutboxError::InvalidQueue(bad.clone()));
@@ -597,6 +612,7 @@ where
             pool: self.pool,
             handlers: self.handlers,
             name: name.clone(),
+            nonce: fastrand::u64(..),
             queues_json,
             batch_size: self.batch_size,
             lease_ms: self.lease.as_millis().min(i64::MAX as u128) as i64,
@@ -606,35 +622,35 @@ where
             shared: shared.clone(),
         });
         let mut threads = Vec::with_capacity(self.concurrency + 1);
+        let mut started = Ok(());
         for n in 0..self.concurrency {
             let w = worker.clone();
-            let spawned = std::thread::Builder::new()
+            started = std::thread::Builder::new()
                 .name(format!("{name}-{n}"))
-                .spawn(move || w.run(n as u64));
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    shared.stop.store(true, Ordering::SeqCst);
-                    wake();
-                    for t in threads {
-                        let _ = t.join();
-                    }
-                    return Err(OutboxError::Database(
-                        diesel::result::Error::QueryBuilderError(Box::new(e)),
-                    ));
-                }
+                .spawn(move || w.run(n as u64))
+                .map(|t| threads.push(t));
+            if started.is_err() {
+                break;
             }
         }
         #[cfg(feature = "outbox-listen")]
-        if let Some(url) = self.listen {
+        if let (Ok(()), Some(url)) = (&started, self.listen) {
             let s = shared.clone();
-            let interval = self.poll_interval;
-            if let Ok(t) = std::thread::Builder::new()
+            let relay = name.clone();
+            let stopping = move || s.stop.load(Ordering::SeqCst);
+            started = std::thread::Builder::new()
                 .name(format!("{name}-listen"))
-                .spawn(move || listen(url, s, interval))
-            {
-                threads.push(t);
+                .spawn(move || super::listen::run(&url, &relay, stopping))
+                .map(|t| threads.push(t));
+        }
+        if let Err(e) = started {
+            // Stop what did start: its workers release what they claimed.
+            shared.stop.store(true, Ordering::SeqCst);
+            wake();
+            for t in threads {
+                let _ = t.join();
             }
+            return Err(OutboxError::Spawn(e));
         }
         log::info!(target: "diesel_transaction_signals", "outbox relay {name} started");
         Ok(RelayHandle {
@@ -752,6 +768,9 @@ where
     pool: Pool<ConnectionManager<C>>,
     handlers: HashMap<String, Handler>,
     name: String,
+    /// Drawn at each `spawn()`: with the worker's index it makes its lease owner unique, even
+    /// among relays given the same name.
+    nonce: u64,
     queues_json: String,
     batch_size: i64,
     lease_ms: i64,
@@ -770,7 +789,8 @@ where
     }
 
     fn run(&self, n: u64) {
-        let mut rng = Rng::new(n);
+        let mut rng = fastrand::Rng::new();
+        let owner = lease_owner(&self.name, n, self.nonce);
         let mut last_unknown_check: Option<Instant> = None;
         while !self.stopping() {
             let seen = bell_generation();
@@ -784,7 +804,7 @@ where
                 }
             };
             let mut rows = match conn.outbox_claim(
-                &self.name,
+                &owner,
                 &self.queues_json,
                 self.batch_size,
                 self.lease_ms,
@@ -809,11 +829,11 @@ where
             }
             // RETURNING gives no order: run the batch in due order, oldest first.
             rows.sort_unstable_by_key(|r| (r.run_at, r.id));
-            self.run_batch(&mut conn, rows, &mut rng);
+            self.run_batch(&mut conn, &owner, rows, &mut rng);
         }
     }
 
-    fn run_batch(&self, conn: &mut C, rows: Vec<ClaimedRow>, rng: &mut Rng) {
+    fn run_batch(&self, conn: &mut C, owner: &str, rows: Vec<ClaimedRow>, rng: &mut fastrand::Rng) {
         let mut done = Vec::with_capacity(rows.len());
         let mut rows = rows.into_iter();
         while let Some(row) = rows.next() {
@@ -821,7 +841,7 @@ where
                 let rest: Vec<i64> = std::iter::once(row.id)
                     .chain(rows.by_ref().map(|r| r.id))
                     .collect();
-                match conn.outbox_release(&self.name, &rest) {
+                match conn.outbox_release(owner, &rest) {
                     Ok(()) => {
                         self.shared
                             .counters
@@ -837,7 +857,7 @@ where
             let job = Job::from_row(row);
             let Some(handler) = self.handlers.get(job.queue()) else {
                 // The claim only takes queues with a handler; keep the row if one slips by.
-                let _ = conn.outbox_release(&self.name, &[job.id.0]);
+                let _ = conn.outbox_release(owner, &[job.id.0]);
                 continue;
             };
             let outcome = match catch_unwind(AssertUnwindSafe(|| handler(&job))) {
@@ -847,18 +867,25 @@ where
             };
             match outcome {
                 Ok(()) => done.push(job.id.0),
-                Err(error) => self.fail(conn, &job, &error, rng),
+                Err(error) => self.fail(conn, owner, &job, &error, rng),
             }
         }
         if done.is_empty() {
             return;
         }
-        match conn.outbox_complete(&done) {
-            Ok(()) => {
+        match conn.outbox_complete(owner, &done) {
+            Ok(deleted) => {
                 self.shared
                     .counters
                     .delivered
-                    .fetch_add(done.len() as u64, Ordering::Relaxed);
+                    .fetch_add(deleted as u64, Ordering::Relaxed);
+                if deleted < done.len() {
+                    log::warn!(target: "diesel_transaction_signals",
+                        "outbox relay {}: {} of {} succeeded jobs were no longer leased to this \
+                         worker (their lease expired and another worker took them, or they are \
+                         gone); that worker's attempt decides", self.name,
+                        done.len() - deleted, done.len());
+                }
             }
             Err(e) => log::error!(target: "diesel_transaction_signals",
                 "outbox relay {}: deleting {} delivered jobs failed ({e}); they will be \
@@ -866,16 +893,16 @@ where
         }
     }
 
-    fn fail(&self, conn: &mut C, job: &Job, error: &str, rng: &mut Rng) {
+    fn fail(&self, conn: &mut C, owner: &str, job: &Job, error: &str, rng: &mut fastrand::Rng) {
         let dead = job.attempt >= job.max_attempts;
-        let delay = self.backoff.jittered(job.attempt, rng.next_f64());
+        let delay = self.backoff.jittered(job.attempt, rng.f64());
         let delay_ms = delay.as_millis().min(i64::MAX as u128) as i64;
-        match conn.outbox_fail(&self.name, job.id.0, error, delay_ms, dead) {
+        match conn.outbox_fail(owner, job.id.0, error, delay_ms, dead) {
             Ok(true) => {}
             Ok(false) => {
                 log::warn!(target: "diesel_transaction_signals",
                     "outbox relay {}: job {} ({}) failed attempt {} after its lease expired and \
-                     another relay took it; that relay's attempt decides: {error}",
+                     another worker took it; that worker's attempt decides: {error}",
                     self.name, job.id, job.queue, job.attempt);
                 return;
             }
@@ -919,67 +946,29 @@ where
     }
 }
 
-/// Rings the in-process bell on every `NOTIFY dts_outbox` (PostgreSQL).
-#[cfg(feature = "outbox-listen")]
-fn listen(url: String, shared: Arc<Shared>, interval: Duration) {
-    use postgres::fallible_iterator::FallibleIterator;
-    while !shared.stop.load(Ordering::SeqCst) {
-        let mut client = match postgres::Client::connect(&url, postgres::NoTls) {
-            Ok(c) => c,
-            Err(e) => {
-                log::warn!(target: "diesel_transaction_signals",
-                    "outbox listener: cannot connect: {e}");
-                wait_for_bell(bell_generation(), interval);
-                continue;
-            }
-        };
-        if let Err(e) = client.batch_execute("LISTEN dts_outbox") {
-            log::warn!(target: "diesel_transaction_signals", "outbox listener: LISTEN failed: {e}");
-            continue;
-        }
-        // Anything committed before LISTEN took effect is found by the next claim.
-        wake();
-        loop {
-            if shared.stop.load(Ordering::SeqCst) {
-                return;
-            }
-            // Bounded so that shutdown is noticed quickly whatever the poll interval.
-            let wait = interval.min(Duration::from_millis(200));
-            let next = client.notifications().timeout_iter(wait).next();
-            match next {
-                Ok(Some(_)) => {
-                    // Drain what else arrived, then ring once.
-                    let mut notifications = client.notifications();
-                    let mut pending = notifications.iter();
-                    while let Ok(Some(_)) = pending.next() {}
-                    wake();
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    log::warn!(target: "diesel_transaction_signals",
-                        "outbox listener: connection lost ({e}); reconnecting");
-                    break;
-                }
-            }
-        }
+/// The lease owner a worker records in `locked_by`: `<name>/<worker>/<nonce>`, the name cut
+/// (at a character boundary) so the whole fits MySQL's `VARCHAR(191)`.
+fn lease_owner(name: &str, worker: u64, nonce: u64) -> String {
+    let suffix = format!("/{worker}/{nonce:016x}");
+    let mut cut = name.len().min(191 - suffix.len());
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
     }
+    format!("{}{suffix}", &name[..cut])
 }
 
-/// A small xorshift generator for retry jitter (no need for cryptographic randomness).
-struct Rng(u64);
+#[cfg(test)]
+mod tests {
+    use super::lease_owner;
 
-impl Rng {
-    fn new(n: u64) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        Rng((nanos ^ (n.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1)
-    }
-
-    fn next_f64(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    #[test]
+    fn lease_owners_differ_per_worker_and_spawn_and_fit_191_bytes() {
+        assert_eq!(lease_owner("mailer", 1, 0xab), "mailer/1/00000000000000ab");
+        assert_ne!(lease_owner("r", 0, 1), lease_owner("r", 1, 1));
+        assert_ne!(lease_owner("r", 0, 1), lease_owner("r", 0, 2));
+        let long = "é".repeat(200);
+        let owner = lease_owner(&long, 7, u64::MAX);
+        assert!(owner.len() <= 191, "{}", owner.len());
+        assert!(owner.ends_with("/7/ffffffffffffffff"));
     }
 }

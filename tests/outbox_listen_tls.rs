@@ -1,0 +1,257 @@
+//! The `listen` connection of a relay connects the way the pool does (a Diesel `PgConnection`,
+//! i.e. libpq: same URL syntax, same TLS options), against a PostgreSQL started by each test
+//! with `ssl = on`, a self-signed certificate made with `openssl` at test time, and a
+//! `pg_hba.conf` that accepts TCP connections only over TLS (`hostssl`).
+//!
+//! - A relay that polls once a minute and listens over `sslmode=require` is woken within a few
+//!   seconds by a job that another process (`psql`, over TLS) inserts: the migrations' trigger
+//!   sends the `NOTIFY`.
+//! - A listener whose URL says `sslmode=disable` is refused by that server: reported by one
+//!   warning (later attempts back off and log at debug level), while the relay still delivers
+//!   by polling.
+//! - A listener that loses its connection (server restarted) logs one warning, one "listener
+//!   reconnected" line once the server is back, and is woken by NOTIFY again.
+//!
+//! Waiting is polling (of the server, of the captured log, of a channel) against a deadline.
+
+#![cfg(feature = "outbox-listen")]
+mod common;
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::pg_server::PgServer;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
+use diesel_migrations::MigrationHarness;
+use diesel_transaction_signals::outbox::{self, Relay};
+
+/// Long enough never to matter on a healthy machine; a wait that reaches it is a failure.
+const PATIENCE: Duration = Duration::from_secs(30);
+/// Far below the relays' 60 s poll interval: only a NOTIFY can deliver this fast.
+const PROMPT: Duration = Duration::from_secs(5);
+
+/// The in-process bell is one per process: a listener's wake-up (after its LISTEN) wakes the
+/// relays of every test of this binary. The tests take turns, so that only a test's own
+/// listener can wake its relay.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A TLS-only server with the outbox tables (migrated over TLS).
+fn tls_server() -> PgServer {
+    let server = PgServer::builder()
+        .tls()
+        .hba(PgServer::HBA_TLS_ONLY)
+        .start();
+    let mut conn = PgConnection::establish(&server.url("postgres", "sslmode=require"))
+        .expect("a TLS connection to the test server");
+    conn.run_pending_migrations(outbox::migrations::POSTGRES)
+        .unwrap();
+    server
+}
+
+fn pool(server: &PgServer, app: &str) -> Pool<ConnectionManager<PgConnection>> {
+    Pool::builder()
+        .max_size(1)
+        .build(ConnectionManager::<PgConnection>::new(server.url(
+            "postgres",
+            &format!("sslmode=require&application_name={app}"),
+        )))
+        .unwrap()
+}
+
+/// Inserts a job from another process: `psql` over TCP and TLS, as a plain INSERT (the
+/// migrations' statement trigger sends `NOTIFY dts_outbox` at its COMMIT).
+fn insert_from_another_process(server: &PgServer, queue: &str, payload: i64) {
+    let out = std::process::Command::new(format!("{}/psql", common::pg_server::PG_BIN))
+        .arg("-X")
+        .arg(server.url(
+            "postgres",
+            "sslmode=require&application_name=dts-psql-writer",
+        ))
+        .args(["-qAt", "-v", "ON_ERROR_STOP=1", "-c"])
+        .arg(format!(
+            "INSERT INTO dts_outbox (queue, payload) VALUES ('{queue}', '{payload}')"
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Polls `probe` until it gives a value; fails at `deadline`.
+fn poll<T>(deadline: Instant, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        // A poll's backoff, not a synchronisation: the condition is checked again.
+        std::thread::park_timeout(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the relay's listener (`application_name = listen_app`) has run `LISTEN` over
+/// TLS, and then until the pool's only connection (`pool_app`) is idle after a claim that
+/// started after that LISTEN: the claim the listener's "LISTEN is in place" wake-up causes
+/// is over, and the worker waits its 60 s poll interval.
+fn wait_listening_and_idle(server: &PgServer, listen_app: &str, pool_app: &str) {
+    poll(Instant::now() + PATIENCE, "a LISTEN over TLS", || {
+        let ssl = server.psql(
+            "postgres",
+            &format!(
+                "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                 WHERE a.application_name = '{listen_app}' AND a.query = 'LISTEN dts_outbox' \
+                 AND a.state = 'idle'"
+            ),
+        );
+        match ssl.as_str() {
+            "" => None,
+            "t" => Some(()),
+            other => panic!("the listener's connection is not TLS: ssl = {other:?}"),
+        }
+    });
+    poll(
+        Instant::now() + PATIENCE,
+        "the worker idle after LISTEN",
+        || {
+            let n = server.psql(
+                "postgres",
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity p, pg_stat_activity l \
+                 WHERE p.application_name = '{pool_app}' AND p.state = 'idle' \
+                 AND l.application_name = '{listen_app}' AND l.query = 'LISTEN dts_outbox' \
+                 AND p.query_start > l.state_change"
+                ),
+            );
+            (n == "1").then_some(())
+        },
+    );
+}
+
+fn lines(relay: &str, level: log::Level, needle: &str) -> Vec<String> {
+    let me = format!("outbox relay {relay}:");
+    common::logger().matching(level, &[&me, needle])
+}
+
+#[test]
+fn a_listener_over_tls_is_woken_by_another_process_insert() {
+    let _turn = one_at_a_time();
+    let _ = common::logger();
+    let server = tls_server();
+    let queue = "tls_wake";
+    let (tx, rx) = mpsc::channel();
+    let relay = Relay::builder(pool(&server, "dts-tls-pool"))
+        .handler(queue, move |job| Ok(tx.send(job.payload::<i64>()?)?))
+        .poll_interval(Duration::from_secs(60))
+        .unknown_queue_check(Duration::from_secs(3600))
+        .listen(server.url(
+            "postgres",
+            "sslmode=require&application_name=dts-tls-listen",
+        ))
+        .spawn()
+        .unwrap();
+    let name = relay.name().to_owned();
+    wait_listening_and_idle(&server, "dts-tls-listen", "dts-tls-pool");
+
+    let inserted = Instant::now();
+    insert_from_another_process(&server, queue, 7);
+    assert_eq!(
+        rx.recv_timeout(PROMPT),
+        Ok(7),
+        "not woken by the NOTIFY (poll interval 60 s)"
+    );
+    let latency = inserted.elapsed();
+    assert!(
+        lines(&name, log::Level::Warn, "listener").is_empty(),
+        "no listener warning"
+    );
+    assert_eq!(relay.shutdown().delivered, 1);
+    eprintln!("listen over TLS: delivered {latency:?} after another process's INSERT");
+}
+
+#[test]
+fn a_listener_refused_by_the_server_is_reported_once_and_the_relay_polls() {
+    let _turn = one_at_a_time();
+    let _ = common::logger();
+    let server = tls_server();
+    let queue = "tls_refused";
+    let (tx, rx) = mpsc::channel();
+    let relay = Relay::builder(pool(&server, "dts-refused-pool"))
+        .handler(queue, move |job| Ok(tx.send(job.payload::<i64>()?)?))
+        .poll_interval(Duration::from_millis(100))
+        .listen(server.url("postgres", "sslmode=disable"))
+        .spawn()
+        .unwrap();
+    let name = relay.name().to_owned();
+    // Attempts 1-4: 100 + 200 + 400 ms of backoff between them.
+    poll(Instant::now() + PATIENCE, "four failed attempts", || {
+        (lines(&name, log::Level::Debug, "listener attempt 4 failed").len() == 1).then_some(())
+    });
+    insert_from_another_process(&server, queue, 8);
+    assert_eq!(rx.recv_timeout(PATIENCE), Ok(8), "delivered by polling");
+    let warnings = lines(&name, log::Level::Warn, "listener");
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].contains("cannot connect") && warnings[0].contains("pg_hba.conf"),
+        "the server's refusal is in the warning: {}",
+        warnings[0]
+    );
+    assert!(lines(&name, log::Level::Info, "reconnected").is_empty());
+    assert_eq!(relay.shutdown().delivered, 1);
+    // The warning was logged once although the listener kept trying.
+    assert_eq!(lines(&name, log::Level::Warn, "listener").len(), 1);
+}
+
+#[test]
+fn a_listener_that_loses_its_server_says_so_once_and_reconnects() {
+    let _turn = one_at_a_time();
+    let _ = common::logger();
+    let server = tls_server();
+    let queue = "tls_reconnect";
+    let (tx, rx) = mpsc::channel();
+    let relay = Relay::builder(pool(&server, "dts-reconnect-pool"))
+        .handler(queue, move |job| Ok(tx.send(job.payload::<i64>()?)?))
+        .poll_interval(Duration::from_secs(60))
+        .unknown_queue_check(Duration::from_secs(3600))
+        .listen(server.url(
+            "postgres",
+            "sslmode=require&application_name=dts-reconnect-listen",
+        ))
+        .spawn()
+        .unwrap();
+    let name = relay.name().to_owned();
+    wait_listening_and_idle(&server, "dts-reconnect-listen", "dts-reconnect-pool");
+
+    server.stop("fast");
+    poll(Instant::now() + PATIENCE, "failed reconnections", || {
+        (lines(&name, log::Level::Debug, "listener attempt 2 failed").len() == 1).then_some(())
+    });
+    server.start();
+    poll(Instant::now() + PATIENCE, "the reconnection", || {
+        (!lines(&name, log::Level::Info, "listener reconnected").is_empty()).then_some(())
+    });
+    wait_listening_and_idle(&server, "dts-reconnect-listen", "dts-reconnect-pool");
+    insert_from_another_process(&server, queue, 9);
+    assert_eq!(
+        rx.recv_timeout(PROMPT),
+        Ok(9),
+        "not woken by the NOTIFY after reconnecting (poll interval 60 s)"
+    );
+    assert_eq!(relay.shutdown().delivered, 1);
+    let warnings = lines(&name, log::Level::Warn, "listener");
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(warnings[0].contains("connection lost"), "{}", warnings[0]);
+    assert_eq!(
+        lines(&name, log::Level::Info, "listener reconnected").len(),
+        1
+    );
+}
