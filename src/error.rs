@@ -62,18 +62,26 @@ impl TransactionAborted {
 
     /// The COMMIT (or RELEASE) of a transaction the database ended on its own.
     pub(crate) fn lost_error() -> Error {
-        Error::DatabaseError(DatabaseErrorKind::Unknown, Box::new(Lost(Lost::ENDED)))
+        Info {
+            message: Lost::ENDED,
+            hint: Lost::HINT,
+        }
+        .into_error()
     }
 
     /// A statement or `begin` refused in a transaction the database ended on its own.
     pub(crate) fn statement_error() -> Error {
-        Error::DatabaseError(DatabaseErrorKind::Unknown, Box::new(Lost(Lost::REFUSED)))
+        Info {
+            message: Lost::REFUSED,
+            hint: Lost::HINT,
+        }
+        .into_error()
     }
 }
 
-/// The two forms of [`TransactionAborted`] for a transaction the database ended on its own.
-#[derive(Debug)]
-struct Lost(&'static str);
+/// The messages of the [`TransactionAborted`] forms for a transaction the database ended on
+/// its own.
+struct Lost;
 
 impl Lost {
     const ENDED: &'static str = "the transaction was not committed: the database ended it on its \
@@ -83,17 +91,32 @@ while it was open; its hooks settled with what the database did";
 own (a deadlock, a statement that rolled the whole transaction back, or a raw COMMIT/ROLLBACK), \
 and running it now would run it outside the transaction the caller believes open; end the \
 transaction (return the error) first";
+    const HINT: &'static str =
+        "propagate the database error that ended the transaction, and retry the whole transaction";
 }
 
-impl DatabaseErrorInformation for Lost {
+/// Error information the wrapper raises itself: a message and a hint, nothing else.
+#[derive(Debug)]
+struct Info {
+    message: &'static str,
+    hint: &'static str,
+}
+
+impl Info {
+    fn into_error(self) -> Error {
+        Error::DatabaseError(DatabaseErrorKind::Unknown, Box::new(self))
+    }
+}
+
+impl DatabaseErrorInformation for Info {
     fn message(&self) -> &str {
-        self.0
+        self.message
     }
     fn details(&self) -> Option<&str> {
         None
     }
     fn hint(&self) -> Option<&str> {
-        Some("propagate the database error that ended the transaction, and retry the whole transaction")
+        Some(self.hint)
     }
     fn table_name(&self) -> Option<&str> {
         None
@@ -152,31 +175,11 @@ impl ConnectionReplaced {
     }
 
     pub(crate) fn into_error() -> Error {
-        Error::DatabaseError(DatabaseErrorKind::Unknown, Box::new(ConnectionReplaced))
-    }
-}
-
-impl DatabaseErrorInformation for ConnectionReplaced {
-    fn message(&self) -> &str {
-        REPLACED
-    }
-    fn details(&self) -> Option<&str> {
-        None
-    }
-    fn hint(&self) -> Option<&str> {
-        Some("do not move the connection out of a transaction closure")
-    }
-    fn table_name(&self) -> Option<&str> {
-        None
-    }
-    fn column_name(&self) -> Option<&str> {
-        None
-    }
-    fn constraint_name(&self) -> Option<&str> {
-        None
-    }
-    fn statement_position(&self) -> Option<i32> {
-        None
+        Info {
+            message: REPLACED,
+            hint: "do not move the connection out of a transaction closure",
+        }
+        .into_error()
     }
 }
 
