@@ -78,6 +78,7 @@ where
 #[cfg(feature = "sqlite")]
 mod sqlite {
     use super::*;
+    use diesel::connection::SimpleConnection;
 
     fn conn() -> SignalConnection<SqliteConnection> {
         let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
@@ -344,6 +345,115 @@ mod sqlite {
     }
 
     #[test]
+    fn raw_commit_sql_ends_the_transaction_for_hooks_and_statements_alike() {
+        let mut conn = conn();
+        let rec = Recorder::new();
+        let result: QueryResult<()> = conn.transaction(|c| {
+            put(c, 1)?;
+            c.on_commit(rec.hook("commit"));
+            c.on_rollback(rec.hook("rollback"));
+            c.on_complete(rec.outcome("complete"));
+            c.batch_execute("COMMIT")?; // behind the wrapper's back
+            let refused = put(c, 2).unwrap_err();
+            assert!(TransactionAborted::is(&refused), "{refused}");
+            Ok(())
+        });
+        assert!(TransactionAborted::is(&result.unwrap_err()));
+        assert_eq!(rec.take(), ["complete:Unknown"], "never a hook on a guess");
+        assert_eq!(
+            keys(&mut conn),
+            [1],
+            "the raw COMMIT did commit; nothing ran after it"
+        );
+    }
+
+    #[test]
+    fn a_shared_level_refuses_pre_commit_work_from_its_thread_while_it_commits_elsewhere() {
+        use diesel::connection::TransactionManager;
+        use std::sync::mpsc;
+        type Manager = <SignalConnection<SqliteConnection> as Connection>::TransactionManager;
+        let mut conn = conn();
+        let (committing, committing_rx) = mpsc::channel::<()>();
+        let (answered, answered_rx) = mpsc::channel::<()>();
+        conn.set_instrumentation(move |event: InstrumentationEvent<'_>| {
+            if let InstrumentationEvent::CommitTransaction { .. } = event {
+                committing.send(()).unwrap();
+                answered_rx.recv().unwrap();
+            }
+        });
+        // A bare begin: a shared level, entered in this thread's registry.
+        Manager::begin_transaction(&mut conn).unwrap();
+        put(&mut conn, 1).unwrap();
+        let ran = Recorder::new();
+        let r = ran.clone();
+        diesel_transaction_signals::defer_before_commit(move |_| {
+            r.push("before commit");
+            Ok(())
+        })
+        .unwrap();
+        let committer = std::thread::spawn(move || {
+            let result = Manager::commit_transaction(&mut conn);
+            (conn, result)
+        });
+        committing_rx.recv().unwrap();
+        // COMMIT is in flight on the other thread: work offered now could never run inside it.
+        let late = diesel_transaction_signals::defer_before_commit(|_| Ok(()));
+        answered.send(()).unwrap();
+        let (mut conn, result) = committer.join().unwrap();
+        result.unwrap();
+        assert_eq!(late, Err(DeferError::CommitInFlight));
+        assert_eq!(
+            ran.take(),
+            ["before commit"],
+            "work offered before COMMIT ran there"
+        );
+        assert_eq!(keys(&mut conn), [1]);
+        assert!(!in_transaction());
+    }
+
+    #[cfg(feature = "outbox")]
+    #[test]
+    fn defer_durable_while_commit_is_in_flight_says_it_wrote_nothing() {
+        use diesel_migrations::MigrationHarness;
+        use diesel_transaction_signals::outbox::{self, OutboxError};
+        let mut conn = conn();
+        conn.run_pending_migrations(outbox::migrations::SQLITE)
+            .unwrap();
+        let seen: Arc<Mutex<Vec<bool>>> = Arc::default();
+        let s = seen.clone();
+        conn.set_instrumentation(move |event: InstrumentationEvent<'_>| {
+            if let InstrumentationEvent::CommitTransaction { .. } = event {
+                let late = diesel_transaction_signals::defer_durable!("late", &1);
+                s.lock()
+                    .unwrap()
+                    .push(matches!(late, Err(OutboxError::CommitInFlight)));
+            }
+        });
+        conn.transaction(|_| {
+            diesel_transaction_signals::defer_durable!("in-time", &1)?;
+            Ok::<_, OutboxError>(())
+        })
+        .unwrap();
+        assert_eq!(*seen.lock().unwrap(), [true]);
+        #[derive(QueryableByName)]
+        struct Q {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            queue: String,
+        }
+        let queues: Vec<String> = diesel::sql_query("SELECT queue FROM dts_outbox ORDER BY id")
+            .load::<Q>(&mut conn)
+            .unwrap()
+            .into_iter()
+            .map(|q| q.queue)
+            .collect();
+        assert_eq!(
+            queues,
+            ["in-time"],
+            "the late call wrote no row and said so"
+        );
+    }
+
+    #[test]
     fn instrumentation_events_are_those_of_the_plain_connection() {
         let events = Events::default();
         let mut plain = SqliteConnection::establish(":memory:").unwrap();
@@ -547,6 +657,82 @@ mod mysql {
         diesel::sql_query(format!("DROP TABLE {table}"))
             .execute(&mut common::mysql_plain())
             .unwrap();
+    }
+
+    #[test]
+    fn a_lock_wait_timeout_fails_the_statement_alone() {
+        let tag = common::unique_tag("lock-wait");
+        let mut setup = common::mysql_plain();
+        diesel::insert_into(items::table)
+            .values((items::tag.eq(&tag), items::v.eq(1)))
+            .execute(&mut setup)
+            .unwrap();
+        // By primary key, so that only that row is locked (no scan, no gap lock).
+        let id: i32 = items::table
+            .filter(items::tag.eq(&tag))
+            .select(items::id)
+            .first(&mut setup)
+            .unwrap();
+        let (locked, locked_rx) = mpsc::channel::<()>();
+        let (done, done_rx) = mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let mut b = common::mysql_plain();
+            b.transaction(|b| {
+                diesel::update(items::table.find(id))
+                    .set(items::v.eq(1))
+                    .execute(b)?;
+                locked.send(()).unwrap();
+                done_rx.recv().unwrap();
+                Err::<(), _>(diesel::result::Error::RollbackTransaction)
+            })
+        });
+        locked_rx.recv().unwrap();
+        let mut conn = common::mysql();
+        diesel::sql_query("SET SESSION innodb_lock_wait_timeout = 1")
+            .execute(&mut conn)
+            .unwrap();
+        let rec = Recorder::new();
+        conn.transaction(|c| {
+            insert(c, &tag, 10)?;
+            c.on_commit(rec.hook("commit"));
+            let waited = diesel::update(items::table.find(id))
+                .set(items::v.eq(2))
+                .execute(c);
+            let err = waited.expect_err("the row is locked by the other transaction");
+            assert!(err.to_string().starts_with("Lock wait timeout"), "{err}");
+            insert(c, &tag, 11) // the transaction goes on: only the statement was rolled back
+        })
+        .unwrap();
+        done.send(()).unwrap();
+        let _ = holder.join().unwrap();
+        assert_eq!(rec.take(), ["commit"]);
+        assert_eq!(rows(&tag), [1, 10, 11]);
+    }
+
+    #[test]
+    fn raw_rollback_sql_ends_the_transaction_for_hooks_and_statements_alike() {
+        let tag = common::unique_tag("raw-rollback");
+        let mut conn = common::mysql();
+        let rec = Recorder::new();
+        let result: QueryResult<()> = conn.transaction(|c| {
+            insert(c, &tag, 1)?;
+            c.on_commit(rec.hook("commit"));
+            c.on_rollback(rec.hook("rollback"));
+            c.on_complete(rec.outcome("complete"));
+            c.batch_execute("ROLLBACK")?; // behind the wrapper's back
+            let refused = insert(c, &tag, 2).unwrap_err();
+            assert!(TransactionAborted::is(&refused), "{refused}");
+            Ok(())
+        });
+        assert!(TransactionAborted::is(&result.unwrap_err()));
+        assert_eq!(rec.take(), ["complete:Unknown"], "never a hook on a guess");
+        assert_eq!(
+            rows(&tag),
+            Vec::<i32>::new(),
+            "nothing ran in autocommit after it"
+        );
+        conn.transaction(|c| insert(c, &tag, 3)).unwrap();
+        assert_eq!(rows(&tag), [3]);
     }
 
     #[test]

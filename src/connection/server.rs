@@ -146,18 +146,23 @@ impl<C: Connection + 'static> SignalConnection<C> {
         if self.book.ledger.live_depth() == 0 {
             return;
         }
+        let ending = ends_transaction(sql, self.book.mysql);
         if self.book.mysql {
-            if may_end_transaction(sql, true) {
+            match ending {
+                // Raw COMMIT/ROLLBACK SQL: not the wrapper's to interpret.
+                Some(Ending::Explicit) => self
+                    .verify_still_open(Outcome::Unknown, "raw SQL ended it (COMMIT or ROLLBACK)"),
                 // A statement that succeeded after an implicit commit: MySQL committed the
                 // transaction before running it.
-                self.verify_still_open(
+                Some(Ending::Implicit) => self.verify_still_open(
                     Outcome::Committed,
                     "an implicit commit before DDL or LOCK TABLES",
-                );
+                ),
+                None => {}
             }
             return;
         }
-        if self.book.backend == "sqlite" && may_end_transaction(sql, false) {
+        if self.book.backend == "sqlite" && ending.is_some() {
             let _ = self.inner.batch_execute(SQLITE_PROBE);
         }
         let inner = read_status(&mut self.inner);
@@ -209,10 +214,18 @@ impl<C: Connection + 'static> SignalConnection<C> {
     }
 }
 
-/// Whether a statement of `sql` starts with a keyword that ends the open transaction: on MySQL
-/// (`mysql`) one that commits implicitly, anywhere `COMMIT`, `END` or `ROLLBACK` (not
-/// `ROLLBACK TO`).
-fn may_end_transaction(sql: &str, mysql: bool) -> bool {
+/// How a batch of raw SQL may end the open transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// `COMMIT`, `END` or `ROLLBACK` (not `ROLLBACK TO`): it ends it, one way or the other.
+    Explicit,
+    /// MySQL: a statement that commits implicitly before it runs (DDL, `LOCK TABLES`, ...).
+    Implicit,
+}
+
+/// Whether a statement of `sql` starts with a keyword that may end the open transaction: an
+/// explicit end anywhere, an implicit commit on MySQL (`mysql`). An explicit end wins.
+fn ends_transaction(sql: &str, mysql: bool) -> Option<Ending> {
     const IMPLICIT_COMMIT: &[&str] = &[
         "ALTER",
         "ANALYZE",
@@ -239,36 +252,54 @@ fn may_end_transaction(sql: &str, mysql: bool) -> bool {
         "UNLOCK",
         "XA",
     ];
-    sql.split(';').any(|statement| {
+    let mut found = None;
+    for statement in sql.split(';') {
         let mut words = statement
             .split(|c: char| c.is_whitespace() || c == '(')
             .filter(|w| !w.is_empty());
-        match words.next() {
+        let ending = match words.next() {
             Some(w) if w.eq_ignore_ascii_case("ROLLBACK") => {
-                !words.next().is_some_and(|w| w.eq_ignore_ascii_case("TO"))
+                (!words.next().is_some_and(|w| w.eq_ignore_ascii_case("TO")))
+                    .then_some(Ending::Explicit)
             }
-            Some(w) if w.eq_ignore_ascii_case("COMMIT") || w.eq_ignore_ascii_case("END") => true,
-            Some(w) => mysql && IMPLICIT_COMMIT.iter().any(|k| w.eq_ignore_ascii_case(k)),
-            None => false,
+            Some(w) if w.eq_ignore_ascii_case("COMMIT") || w.eq_ignore_ascii_case("END") => {
+                Some(Ending::Explicit)
+            }
+            Some(w) if mysql && IMPLICIT_COMMIT.iter().any(|k| w.eq_ignore_ascii_case(k)) => {
+                Some(Ending::Implicit)
+            }
+            _ => None,
+        };
+        match ending {
+            Some(Ending::Explicit) => return ending,
+            Some(Ending::Implicit) => found = ending,
+            None => {}
         }
-    })
+    }
+    found
 }
 
 #[cfg(test)]
 mod tests {
-    use super::may_end_transaction;
+    use super::{ends_transaction, Ending};
 
     #[test]
     fn keywords_that_may_end_a_transaction() {
-        assert!(may_end_transaction("CREATE TABLE t (id INT)", true));
-        assert!(!may_end_transaction("CREATE TABLE t (id INT)", false));
-        assert!(may_end_transaction(
-            "insert into t values (1); commit",
-            false
-        ));
-        assert!(may_end_transaction("  rollback", false));
-        assert!(!may_end_transaction("ROLLBACK TO SAVEPOINT s", true));
-        assert!(!may_end_transaction("INSERT INTO t VALUES (1)", true));
-        assert!(!may_end_transaction("SELECT 1; UPDATE t SET v = 2", true));
+        let implicit = Some(Ending::Implicit);
+        let explicit = Some(Ending::Explicit);
+        assert_eq!(ends_transaction("CREATE TABLE t (id INT)", true), implicit);
+        assert_eq!(ends_transaction("CREATE TABLE t (id INT)", false), None);
+        assert_eq!(
+            ends_transaction("insert into t values (1); commit", false),
+            explicit
+        );
+        assert_eq!(ends_transaction("  rollback", true), explicit);
+        assert_eq!(
+            ends_transaction("CREATE TABLE t (id INT); ROLLBACK", true),
+            explicit
+        );
+        assert_eq!(ends_transaction("ROLLBACK TO SAVEPOINT s", true), None);
+        assert_eq!(ends_transaction("INSERT INTO t VALUES (1)", true), None);
+        assert_eq!(ends_transaction("SELECT 1; UPDATE t SET v = 2", true), None);
     }
 }
