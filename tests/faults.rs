@@ -13,15 +13,13 @@
 #![cfg(all(feature = "postgres", feature = "r2d2"))]
 mod common;
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::items;
+use common::pg_server::PgServer;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool, R2D2Connection};
@@ -784,128 +782,6 @@ fn serialization_failure_at_commit_through_a_pool_keeps_the_connection_and_retri
 // 5. A private server stopped and restarted under a pool
 // ---------------------------------------------------------------------------------------------
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
-/// A throwaway PostgreSQL 15 in a temp dir on a free port on 127.0.0.1, stopped (immediate) and
-/// removed on drop, even when the test fails.
-struct PrivatePg {
-    dir: tempfile::TempDir,
-    port: u16,
-    as_root: bool,
-}
-
-impl PrivatePg {
-    fn start_new() -> Self {
-        let as_root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
-        let dir = tempfile::Builder::new()
-            .prefix("dts-faults-pg.")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let pg = PrivatePg { dir, port, as_root };
-        if as_root {
-            let mut chown = Command::new("chown");
-            chown.arg("postgres").arg(pg.dir.path());
-            pg.run(chown);
-        }
-        let data = pg.data();
-        let mut initdb = pg.tool("initdb");
-        initdb.arg("-D").arg(&data).args([
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ]);
-        pg.run(initdb);
-        pg.start();
-        pg
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    /// A PostgreSQL tool, run as the `postgres` user when we are root.
-    fn tool(&self, name: &str) -> Command {
-        let path = format!("{PG_BIN}/{name}");
-        let mut cmd = if self.as_root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--", &path]);
-            c
-        } else {
-            Command::new(path)
-        };
-        cmd.current_dir(self.dir.path()).stdin(Stdio::null());
-        cmd
-    }
-
-    #[track_caller]
-    fn run(&self, mut cmd: Command) {
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd:?} failed: {}\n{}\nserver log:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-        );
-    }
-
-    fn start(&self) {
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off",
-            self.port,
-            self.dir.path().display()
-        );
-        let mut cmd = self.tool("pg_ctl");
-        cmd.arg("-D")
-            .arg(self.data())
-            .arg("-l")
-            .arg(self.dir.path().join("server.log"))
-            .args(["-w", "-t", "60", "-o", &options, "start"]);
-        self.run(cmd);
-    }
-
-    /// `pg_ctl stop -m <mode>`, waiting until the server is down.
-    fn stop(&self, mode: &str) {
-        let mut cmd = self.tool("pg_ctl");
-        cmd.arg("-D")
-            .arg(self.data())
-            .args(["-m", mode, "-w", "-t", "60", "stop"]);
-        self.run(cmd);
-    }
-
-    fn is_running(&self) -> bool {
-        self.data().join("postmaster.pid").exists()
-    }
-}
-
-impl Drop for PrivatePg {
-    fn drop(&mut self) {
-        if self.is_running() {
-            let _ = self
-                .tool("pg_ctl")
-                .arg("-D")
-                .arg(self.data())
-                .args(["-m", "immediate", "-w", "-t", "60", "stop"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-        // The TempDir field is dropped after this: the directory is removed.
-    }
-}
-
 /// How the in-flight transaction of a round meets the stopped server.
 #[derive(Debug, Clone, Copy)]
 enum Round {
@@ -950,8 +826,8 @@ struct InFlight {
 
 #[test]
 fn private_server_stopped_and_restarted_under_a_pool() {
-    let server = PrivatePg::start_new();
-    let url = server.url();
+    let server = PgServer::start_new();
+    let url = server.url("postgres", "");
     Conn::establish(&url)
         .unwrap()
         .run_pending_migrations(common::PG_MIGRATIONS)

@@ -10,20 +10,7 @@ use diesel_transaction_signals::{SignalConnection, TransactionAborted};
 
 type Conn = SignalConnection<MysqlConnection>;
 
-fn insert(conn: &mut Conn, tag: &str, v: i32) -> QueryResult<usize> {
-    diesel::insert_into(items::table)
-        .values((items::tag.eq(tag), items::v.eq(v)))
-        .execute(conn)
-}
-
-fn rows(tag: &str) -> Vec<i32> {
-    items::table
-        .filter(items::tag.eq(tag))
-        .select(items::v)
-        .order(items::v)
-        .load(&mut common::mysql_plain())
-        .unwrap()
-}
+use common::{mysql_insert as insert, mysql_rows as rows};
 
 fn scratch_table(tag: &str) -> String {
     format!("scratch_{}", tag.replace('-', "_"))

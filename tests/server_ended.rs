@@ -478,20 +478,7 @@ mod mysql {
 
     type Conn = SignalConnection<MysqlConnection>;
 
-    fn insert(conn: &mut Conn, tag: &str, v: i32) -> QueryResult<usize> {
-        diesel::insert_into(items::table)
-            .values((items::tag.eq(tag), items::v.eq(v)))
-            .execute(conn)
-    }
-
-    fn rows(tag: &str) -> Vec<i32> {
-        items::table
-            .filter(items::tag.eq(tag))
-            .select(items::v)
-            .order(items::v)
-            .load(&mut common::mysql_plain())
-            .unwrap()
-    }
+    use common::{mysql_insert as insert, mysql_rows as rows};
 
     /// Makes `victim`'s next `UPDATE` of `v = 2` a deadlock victim: another connection, heavier
     /// (it inserts 50 rows first, so InnoDB picks the victim as the lighter one), takes row 2

@@ -175,6 +175,29 @@ pub fn mysql_plain() -> MysqlConnection {
     MysqlConnection::establish(&mysql_url()).unwrap()
 }
 
+#[cfg(feature = "mysql")]
+/// Inserts an `items` row with `tag` and `v` through `conn`.
+pub fn mysql_insert(
+    conn: &mut SignalConnection<MysqlConnection>,
+    tag: &str,
+    v: i32,
+) -> QueryResult<usize> {
+    diesel::insert_into(items::table)
+        .values((items::tag.eq(tag), items::v.eq(v)))
+        .execute(conn)
+}
+
+#[cfg(feature = "mysql")]
+/// The `v` of the `items` rows with `tag` in the database, in order, read on a fresh connection.
+pub fn mysql_rows(tag: &str) -> Vec<i32> {
+    items::table
+        .filter(items::tag.eq(tag))
+        .select(items::v)
+        .order(items::v)
+        .load(&mut mysql_plain())
+        .unwrap()
+}
+
 #[cfg(feature = "postgres")]
 /// A plain (unwrapped) PostgreSQL connection, for observing from outside.
 pub fn pg_plain() -> PgConnection {
