@@ -115,7 +115,7 @@ pub mod pg;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
-pub use connection::{SignalConnection, SignalTransactionManager};
+pub use connection::{SignalConnection, SignalCursor, SignalTransactionManager};
 pub use error::{ConnectionReplaced, TransactionAborted};
 pub use hook::HookOutput;
 pub use id::ConnectionId;

@@ -190,6 +190,30 @@ mod sqlite {
     }
 
     #[test]
+    fn a_whole_rollback_seen_by_a_failed_load_is_checked_before_the_next_statement() {
+        #[derive(QueryableByName)]
+        struct K {
+            #[diesel(sql_type = diesel::sql_types::Integer)]
+            #[allow(dead_code)]
+            k: i32,
+        }
+        let mut conn = conn();
+        let result: QueryResult<()> = conn.transaction(|c| {
+            put(c, 1)?;
+            // Through `load` (RETURNING): its cursor borrows the connection, so the wrapper
+            // looks at the next statement instead.
+            let loaded = diesel::sql_query("INSERT OR ROLLBACK INTO u (k) VALUES (1) RETURNING k")
+                .load::<K>(c);
+            assert!(loaded.is_err());
+            let refused = put(c, 2).unwrap_err();
+            assert!(TransactionAborted::is(&refused), "{refused}");
+            Ok(())
+        });
+        assert!(TransactionAborted::is(&result.unwrap_err()));
+        assert_eq!(keys(&mut conn), Vec::<i32>::new());
+    }
+
+    #[test]
     fn an_ordinary_failed_statement_in_a_savepoint_still_commits_the_rest() {
         let mut conn = conn();
         put(&mut conn, 1).unwrap();

@@ -97,7 +97,7 @@ where
     C: LoadConnection<B> + 'static,
 {
     type Cursor<'conn, 'query>
-        = C::Cursor<'conn, 'query>
+        = SignalCursor<'conn, C::Cursor<'conn, 'query>>
     where
         Self: 'conn;
     type Row<'conn, 'query>
@@ -117,13 +117,66 @@ where
         if !T::HAS_STATIC_QUERY_ID {
             self.book.raw_statement();
         }
-        let result = self.inner.load(source);
-        if result.is_err() && self.book.ledger.depth() > 0 {
-            // The cursor's borrow of `inner` forbids looking now: the next statement or
-            // transaction operation looks first.
-            self.book.check_pending = true;
+        // The cursor borrows `inner`, so the wrapper cannot look at the connection while it
+        // lives: a failure (at `load`, or while reading rows, where SQLite runs the statement)
+        // leaves a check for the next statement or transaction operation.
+        let failed = &mut self.book.check_pending;
+        match self.inner.load(source) {
+            Ok(inner) => Ok(SignalCursor { inner, failed }),
+            Err(e) => {
+                *failed = true;
+                Err(e)
+            }
         }
-        result
+    }
+}
+
+/// The rows of a query loaded through a [`SignalConnection`]: the inner connection's cursor,
+/// which it forwards as it is, noting a failed row so that the wrapper can check, before the
+/// next statement, whether the database ended the transaction (SQLite runs a statement while
+/// its rows are read). Use it as Diesel's own cursors: as an opaque `Iterator`.
+///
+/// ```
+/// # #[cfg(feature = "sqlite")] {
+/// use diesel::connection::LoadConnection;
+/// use diesel::prelude::*;
+/// use diesel::row::Row;
+/// use diesel_transaction_signals::SignalConnection;
+///
+/// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
+/// let cursor = conn.load(diesel::sql_query("SELECT 1 UNION ALL SELECT 2")).unwrap();
+/// assert_eq!(cursor.map(|row| row.unwrap().field_count()).sum::<usize>(), 2);
+/// # }
+/// ```
+pub struct SignalCursor<'conn, I> {
+    inner: I,
+    failed: &'conn mut bool,
+}
+
+impl<I, R> Iterator for SignalCursor<'_, I>
+where
+    I: Iterator<Item = QueryResult<R>>,
+{
+    type Item = QueryResult<R>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        let row = self.inner.next();
+        if let Some(Err(_)) = &row {
+            *self.failed = true;
+        }
+        row
+    }
+
+    #[inline]
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.inner.size_hint()
+    }
+}
+
+impl<I> std::fmt::Debug for SignalCursor<'_, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SignalCursor")
     }
 }
 

@@ -16,6 +16,7 @@ use diesel::connection::Connection;
 use diesel::result::{Error, QueryResult};
 
 pub(crate) use bookkeeping::Bookkeeping;
+pub use forward::SignalCursor;
 pub use manager::SignalTransactionManager;
 
 use crate::hook::Hook;
