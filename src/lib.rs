@@ -175,8 +175,9 @@ where
     defer_hook(hook::Hook::commit(f, Location::caller()));
 }
 
+#[inline]
 fn defer_hook(hook: hook::Hook) {
-    if let Err((hook, _)) = registry::offer(hook, false) {
+    if let Err(hook) = registry::offer(hook) {
         hook::settle_all(
             std::iter::once(hook),
             Outcome::Committed,
@@ -236,7 +237,7 @@ where
     F: for<'a> FnOnce(&mut PreCommitConnection<'a>) -> diesel::QueryResult<()> + Send + 'static,
 {
     let work = hook::Hook::pre_commit(Box::new(f), Location::caller());
-    registry::offer(work, true)
+    registry::offer_pre_commit(work)
         .map(drop)
         .map_err(|(_, why)| why)
 }

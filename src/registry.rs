@@ -365,11 +365,11 @@ pub(crate) fn unseal(slot: Slot, inbox: &Inbox) {
     }
 }
 
-/// Hands `hook` to the innermost transaction open on this thread; gives it back, with the
-/// reason, when there is none, or when it is pre-commit work (`pre_commit`) and that
-/// transaction's COMMIT is in flight.
+/// Hands a commit, rollback or complete `hook` to the innermost transaction open on this
+/// thread; gives it back when there is none. The hot path of `defer`: a local level takes it
+/// without a lock.
 #[inline]
-pub(crate) fn offer(hook: Hook, pre_commit: bool) -> Result<ConnectionId, (Hook, DeferError)> {
+pub(crate) fn offer(hook: Hook) -> Result<ConnectionId, Hook> {
     let mut slot = Some(hook);
     let placed = REGISTRY.try_with(|reg| {
         let reg = &mut *reg.borrow_mut();
@@ -377,27 +377,29 @@ pub(crate) fn offer(hook: Hook, pre_commit: bool) -> Result<ConnectionId, (Hook,
         match (top, reg.open.last()) {
             // The common case, a local level above any shared one: no lock.
             (Some((conn, serial)), last) if last.is_none_or(|e| e.below != top) => {
-                if pre_commit && SEALED_LOCAL.get() == top {
-                    return Err(DeferError::CommitInFlight);
-                }
                 if let Some(hook) = slot.take() {
-                    reg.local.push(conn, serial, hook, pre_commit);
+                    reg.local.push(conn, serial, hook, false);
                 }
-                Ok(Some(conn))
+                Some(conn)
             }
-            _ => Ok(None),
+            _ => None,
         }
     });
     match (placed, slot) {
-        (Ok(Ok(Some(conn))), None) => Ok(conn),
-        (Ok(Err(why)), Some(hook)) => Err((hook, why)),
-        (_, Some(hook)) => offer_shared(hook, pre_commit),
+        (Ok(Some(conn)), None) => Ok(conn),
+        (_, Some(hook)) => offer_shared(hook, false).map_err(|(hook, _)| hook),
         (_, None) => unreachable!("a hook is taken only when placed"),
     }
 }
 
-/// `offer` when a shared level is the innermost (or there is none): skips and drops stale
-/// shared entries on the way down.
+/// Hands pre-commit work to the innermost transaction open on this thread; gives it back,
+/// with the reason, when there is none or when that transaction's COMMIT is in flight.
+pub(crate) fn offer_pre_commit(work: Hook) -> Result<ConnectionId, (Hook, DeferError)> {
+    offer_shared(work, true)
+}
+
+/// `offer` when a shared level is the innermost (or there is none), and every offer of
+/// pre-commit work: skips and drops stale shared entries on the way down.
 #[cold]
 fn offer_shared(hook: Hook, pre_commit: bool) -> Result<ConnectionId, (Hook, DeferError)> {
     let mut slot = Some(hook);
