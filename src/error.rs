@@ -49,7 +49,7 @@ impl TransactionAborted {
         match err {
             Error::DatabaseError(DatabaseErrorKind::Unknown, info) => {
                 let m = info.message();
-                m == MESSAGE || m == Lost::ENDED || m == Lost::REFUSED
+                m == MESSAGE || m == Lost::ENDED || m == Lost::REFUSED || m == Lost::ABANDONED
             }
             Error::RollbackErrorOnCommit { commit_error, .. } => Self::is(commit_error),
             _ => false,
@@ -65,6 +65,17 @@ impl TransactionAborted {
         Info {
             message: Lost::ENDED,
             hint: Lost::HINT,
+        }
+        .into_error()
+    }
+
+    /// A statement refused because an abandoned `transaction` future left its transaction open
+    /// (async connections).
+    #[cfg(feature = "async")]
+    pub(crate) fn abandoned_error() -> Error {
+        Info {
+            message: Lost::ABANDONED,
+            hint: "call roll_back_abandoned().await, or begin the next transaction",
         }
         .into_error()
     }
@@ -91,6 +102,11 @@ while it was open; its hooks settled with what the database did";
 own (a deadlock, a statement that rolled the whole transaction back, or a raw COMMIT/ROLLBACK), \
 and running it now would run it outside the transaction the caller believes open; end the \
 transaction (return the error) first";
+    const ABANDONED: &'static str = "statement refused: a `transaction` future on this \
+connection was dropped inside its closure (a timeout, a cancelled request), and its transaction \
+is still open on the server; running the statement now would run it inside that transaction. It \
+is rolled back (rollback hooks run) by the connection's next transaction operation or \
+`batch_execute`, or by `AsyncSignalConnection::roll_back_abandoned`";
     const HINT: &'static str =
         "propagate the database error that ended the transaction, and retry the whole transaction";
 }

@@ -92,6 +92,8 @@
 // Layers, bottom up (docs/ARCHITECTURE.md): leaf types (id, outcome, report, pre_commit,
 // error), hook, ledger, registry and signals, connection (with its manager), testing, pool and
 // the backend extras, outbox on top. No module imports one above it.
+#[cfg(feature = "async")]
+mod async_connection;
 mod connection;
 mod error;
 mod hook;
@@ -115,6 +117,10 @@ pub mod pg;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+#[cfg(feature = "async")]
+pub use async_connection::{
+    AsyncFunc, AsyncSignalConnection, AsyncSignalTransactionManager, BoxFuture, Watched,
+};
 pub use connection::{SignalConnection, SignalCursor, SignalTransactionManager};
 pub use error::{ConnectionReplaced, TransactionAborted};
 pub use hook::HookOutput;

@@ -21,9 +21,9 @@ use diesel::prelude::*;
 use diesel::MysqlConnection;
 
 #[derive(QueryableByName)]
-struct InTransaction {
+pub(crate) struct InTransaction {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
-    open: i64,
+    pub(crate) open: i64,
 }
 
 /// Whether the server still has a transaction open on `conn`; `None` when `conn` is not a

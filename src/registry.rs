@@ -34,6 +34,17 @@
 //! - pre-commit work is refused, never buffered, for a level whose COMMIT is in flight
 //!   ([`seal`]); the ledger refuses it too, so work that slipped into the buffer just before the
 //!   seal is taken and run before COMMIT is sent.
+//!
+//! Async connections (feature `async`) register their levels by **task** instead
+//! ([`Slot::Task`]): a future migrates between threads at every `.await`, so a thread is the
+//! wrong key. The task map ([`task`] below) keys entries by tokio's task id, or by the thread
+//! for code running outside any task (`block_on`, a `#[tokio::main]` body), and holds the
+//! connection's [`Inbox`] exactly as a shared entry does. Invariants:
+//! - `defer` asks this thread's levels first (a sync transaction open on this thread is, while
+//!   its closure runs, the innermost), then the current task's;
+//! - a task never sees another task's levels: a spawned task does not inherit its parent's
+//!   transaction, and code inside a task never falls back to its thread's entries;
+//! - an entry leaves the map when its level closes, from whatever thread or task closes it.
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -52,6 +63,10 @@ pub(crate) struct Inbox {
     /// The serial of the shared level whose COMMIT is in flight (0: none): pre-commit work
     /// offered to it is refused.
     sealed: AtomicU64,
+    /// Async connections: the depth of the outermost level whose `transaction` future was
+    /// dropped before it ended (0: none), for the connection's next operation to roll back.
+    #[cfg(feature = "async")]
+    abandoned: std::sync::atomic::AtomicUsize,
     state: Mutex<InboxState>,
 }
 
@@ -85,6 +100,39 @@ impl Inbox {
         self.pending.store(false, Ordering::Release);
         std::mem::swap(&mut st.hooks, into);
         true
+    }
+
+    /// Records that the `transaction` future that owned level `depth` was dropped before the
+    /// level ended (a cancelled or panicking future).
+    #[cfg(feature = "async")]
+    pub(crate) fn abandon(&self, depth: usize) {
+        let _ = self
+            .abandoned
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |known| {
+                Some(if known == 0 { depth } else { known.min(depth) })
+            });
+    }
+
+    /// The outermost abandoned level, if a `transaction` future was dropped inside it.
+    #[cfg(feature = "async")]
+    #[inline]
+    pub(crate) fn abandoned(&self) -> Option<usize> {
+        match self.abandoned.load(Ordering::Acquire) {
+            0 => None,
+            depth => Some(depth),
+        }
+    }
+
+    /// Forgets the abandoned level once it is rolled back.
+    #[cfg(feature = "async")]
+    pub(crate) fn clear_abandoned(&self) {
+        self.abandoned.store(0, Ordering::Release);
+    }
+
+    /// Whether the connection that owns this inbox still exists.
+    #[cfg(feature = "async")]
+    pub(crate) fn is_open(&self) -> bool {
+        !self.lock().closed
     }
 
     /// Marks the connection gone: later `defer`s skip entries naming this inbox.
@@ -127,6 +175,9 @@ pub(crate) enum Slot {
     Local { below: Option<LocalLevel> },
     /// A shared level: an [`Entry`] in its thread's list.
     Shared,
+    /// An async connection's level: an entry in the task map under this key.
+    #[cfg(feature = "async")]
+    Task(task::Key),
 }
 
 /// A shared level (see the module docs).
@@ -308,6 +359,8 @@ pub(crate) fn exit(conn: ConnectionId, serial: u64, slot: Slot, inbox: &Inbox) -
             }
         }
         Slot::Shared => exit_shared(conn, serial, inbox),
+        #[cfg(feature = "async")]
+        Slot::Task(key) => task::exit(key, conn, serial),
     }
 }
 
@@ -353,6 +406,8 @@ pub(crate) fn seal(conn: ConnectionId, serial: u64, slot: Slot, inbox: &Inbox) {
     match slot {
         Slot::Local { .. } => SEALED_LOCAL.with(|cell| cell.set(Some((conn, serial)))),
         Slot::Shared => inbox.sealed.store(serial, Ordering::Release),
+        #[cfg(feature = "async")]
+        Slot::Task(_) => inbox.sealed.store(serial, Ordering::Release),
     }
 }
 
@@ -362,6 +417,8 @@ pub(crate) fn unseal(slot: Slot, inbox: &Inbox) {
     match slot {
         Slot::Local { .. } => SEALED_LOCAL.with(|cell| cell.set(None)),
         Slot::Shared => inbox.sealed.store(0, Ordering::Release),
+        #[cfg(feature = "async")]
+        Slot::Task(_) => inbox.sealed.store(0, Ordering::Release),
     }
 }
 
@@ -426,6 +483,9 @@ fn offer_shared(hook: Hook, pre_commit: bool) -> Result<ConnectionId, (Hook, Def
                     reg.local.push(conn, serial, hook, pre_commit);
                     return Ok(conn);
                 }
+                #[cfg(feature = "async")]
+                (None, _) => return task::offer(hook),
+                #[cfg(not(feature = "async"))]
                 (None, _) => return Err((hook, DeferError::NoTransaction)),
             }
         }
@@ -460,6 +520,10 @@ fn offer_shared(hook: Hook, pre_commit: bool) -> Result<ConnectionId, (Hook, Def
 /// # }
 /// ```
 pub fn in_transaction() -> bool {
+    #[cfg(feature = "async")]
+    if task::in_transaction() {
+        return true;
+    }
     LOCAL_TOP.get().is_some()
         || REGISTRY
             .try_with(|reg| {
@@ -473,4 +537,126 @@ pub fn in_transaction() -> bool {
                 false
             })
             .unwrap_or(false)
+}
+
+/// The task map: levels of async connections, by task (see the module docs).
+#[cfg(feature = "async")]
+pub(crate) mod task {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex, MutexGuard};
+
+    use super::{Inbox, Slot};
+    use crate::hook::Hook;
+    use crate::id::ConnectionId;
+    use crate::pre_commit::DeferError;
+
+    /// Whose levels an entry belongs to: a tokio task, or a thread running outside any task.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub(crate) enum Key {
+        Task(tokio::task::Id),
+        Thread(std::thread::ThreadId),
+    }
+
+    impl Key {
+        /// The current task, or this thread when no task is running here.
+        pub(crate) fn current() -> Key {
+            match tokio::task::try_id() {
+                Some(id) => Key::Task(id),
+                None => Key::Thread(std::thread::current().id()),
+            }
+        }
+    }
+
+    struct Entry {
+        conn: ConnectionId,
+        serial: u64,
+        inbox: Arc<Inbox>,
+    }
+
+    /// Levels open in the map, so `defer` outside any async transaction skips the lock.
+    static OPEN: AtomicUsize = AtomicUsize::new(0);
+    static MAP: Mutex<Option<HashMap<Key, Vec<Entry>>>> = Mutex::new(None);
+
+    fn map() -> MutexGuard<'static, Option<HashMap<Key, Vec<Entry>>>> {
+        MAP.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that `conn` opened level `serial` in the current task.
+    pub(crate) fn enter(conn: ConnectionId, serial: u64, inbox: &Arc<Inbox>) -> Slot {
+        let key = Key::current();
+        let mut map = map();
+        map.get_or_insert_with(HashMap::new)
+            .entry(key)
+            .or_default()
+            .push(Entry {
+                conn,
+                serial,
+                inbox: Arc::clone(inbox),
+            });
+        OPEN.fetch_add(1, Ordering::Release);
+        Slot::Task(key)
+    }
+
+    /// Records that `conn`'s level `serial`, entered under `key`, closed. Always true: the
+    /// map is reachable from every thread.
+    pub(crate) fn exit(key: Key, conn: ConnectionId, serial: u64) -> bool {
+        let mut map = map();
+        let Some(tasks) = map.as_mut() else {
+            return true;
+        };
+        if let Some(levels) = tasks.get_mut(&key) {
+            if let Some(i) = levels
+                .iter()
+                .rposition(|e| e.conn == conn && e.serial == serial)
+            {
+                levels.remove(i);
+                OPEN.fetch_sub(1, Ordering::Release);
+            }
+            if levels.is_empty() {
+                tasks.remove(&key);
+            }
+        }
+        true
+    }
+
+    /// Hands `hook` to the innermost level open in the current task; gives it back when
+    /// there is none.
+    #[cold]
+    pub(crate) fn offer(hook: Hook) -> Result<ConnectionId, (Hook, DeferError)> {
+        if OPEN.load(Ordering::Acquire) == 0 {
+            return Err((hook, DeferError::NoTransaction));
+        }
+        let key = Key::current();
+        let mut map = map();
+        let Some(levels) = map.as_mut().and_then(|m| m.get_mut(&key)) else {
+            return Err((hook, DeferError::NoTransaction));
+        };
+        let mut hook = hook;
+        while let Some(top) = levels.last() {
+            match top.inbox.offer(top.serial, hook) {
+                Ok(()) => return Ok(top.conn),
+                Err((back, Some(why))) => return Err((back, why)),
+                Err((back, None)) => {
+                    // Its connection is gone: a stale entry.
+                    hook = back;
+                    levels.pop();
+                    OPEN.fetch_sub(1, Ordering::Release);
+                }
+            }
+        }
+        Err((hook, DeferError::NoTransaction))
+    }
+
+    /// Whether a level of an async connection is open in the current task.
+    pub(crate) fn in_transaction() -> bool {
+        if OPEN.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let key = Key::current();
+        map()
+            .as_ref()
+            .and_then(|m| m.get(&key))
+            .is_some_and(|levels| levels.iter().any(|e| e.inbox.is_open()))
+    }
 }

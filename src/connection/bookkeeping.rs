@@ -153,6 +153,20 @@ impl Bookkeeping {
             .open(|serial| registry::enter(id, serial, (!local).then_some(inbox)))
     }
 
+    /// Opens a level of an async connection: registered in the task map under the current task
+    /// (see [`registry`]). Returns its serial and slot.
+    #[cfg(feature = "async")]
+    pub(crate) fn open_task_level(&mut self) -> (u64, Slot) {
+        if self.ledger.depth() == 0 {
+            self.opened_at = signals::any_receivers().then(Instant::now);
+            self.unverified = false;
+            self.ended_elsewhere.clear();
+        }
+        let (id, inbox) = (self.label.id, &self.inbox);
+        self.ledger
+            .open(|serial| registry::task::enter(id, serial, inbox))
+    }
+
     /// Notes that a statement whose SQL the wrapper cannot see (raw SQL, a boxed query) ran: on
     /// MySQL it may have committed the transaction implicitly.
     #[inline(always)]

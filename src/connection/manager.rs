@@ -71,7 +71,13 @@ impl<C> std::fmt::Debug for SignalTransactionManager<C> {
 /// Reads the inner connection's transaction status.
 #[inline]
 pub(crate) fn read_status<C: Connection>(conn: &mut C) -> Status {
-    match C::TransactionManager::transaction_manager_status_mut(conn) {
+    status_of(C::TransactionManager::transaction_manager_status_mut(conn))
+}
+
+/// The ledger's view of a Diesel transaction manager status (sync or async).
+#[inline]
+pub(crate) fn status_of(status: &TransactionManagerStatus) -> Status {
+    match status {
         TransactionManagerStatus::InError => Status::Broken,
         TransactionManagerStatus::Valid(ValidTransactionManagerStatus {
             in_transaction: None,
@@ -97,7 +103,7 @@ pub(crate) fn reset_status<C: Connection>(conn: &mut C) {
 /// have been lost while it was in flight, so that only the server knows whether it committed.
 /// `connection_dead` asks the backend, for errors that do not say (MySQL reports a lost
 /// connection as an unclassified error).
-fn classify_commit_error(
+pub(crate) fn classify_commit_error(
     err: &Error,
     broken_after: bool,
     connection_dead: impl FnOnce() -> bool,

@@ -6,7 +6,7 @@
 mod bookkeeping;
 mod forward;
 pub(crate) mod manager;
-mod server;
+pub(crate) mod server;
 
 use std::fmt;
 use std::panic::Location;

@@ -216,7 +216,7 @@ impl<C: Connection + 'static> SignalConnection<C> {
 
 /// How a batch of raw SQL may end the open transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
+pub(crate) enum Ending {
     /// `COMMIT`, `END` or `ROLLBACK` (not `ROLLBACK TO`): it ends it, one way or the other.
     Explicit,
     /// MySQL: a statement that commits implicitly before it runs (DDL, `LOCK TABLES`, ...).
@@ -225,7 +225,7 @@ enum Ending {
 
 /// Whether a statement of `sql` starts with a keyword that may end the open transaction: an
 /// explicit end anywhere, an implicit commit on MySQL (`mysql`). An explicit end wins.
-fn ends_transaction(sql: &str, mysql: bool) -> Option<Ending> {
+pub(crate) fn ends_transaction(sql: &str, mysql: bool) -> Option<Ending> {
     const IMPLICIT_COMMIT: &[&str] = &[
         "ALTER",
         "ANALYZE",

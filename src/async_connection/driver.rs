@@ -1,0 +1,746 @@
+//! The async driver of the [`Ledger`](crate::ledger::Ledger): [`AsyncSignalTransactionManager`]
+//! does what the sync manager does, with diesel-async's I/O: read the inner status, ask the
+//! ledger what to send, send it, hand the ledger the result and the status after, carry out
+//! what it settled. The states and transitions are documented once, in `src/ledger.rs`.
+//!
+//! What async adds, each at one place here:
+//! - **cancellation**: a `transaction` future dropped inside its closure leaves an
+//!   [`Abandon`] mark in the connection's inbox; the connection's next operation rolls the
+//!   level back (its rollback hooks run then, once) and statements are refused until it has.
+//!   A future dropped while the outermost COMMIT is in flight settles its hooks `Unknown`
+//!   (the in-flight guard in [`commit_level`](AsyncSignalConnection::commit_level));
+//! - **what diesel-async does not notice** (`watch.rs`): PostgreSQL's aborted transaction,
+//!   MySQL's deadlock, SQLite's whole-transaction rollback;
+//! - `on_commit_async` futures, awaited after the commit hooks.
+
+use std::any::Any;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::task::Poll;
+
+use diesel::connection::{TransactionManagerStatus, ValidTransactionManagerStatus};
+use diesel::result::{Error, QueryResult};
+use diesel_async::{AsyncConnection, TransactionManager};
+
+use super::forward::AsyncFunc;
+use super::watch::Backend;
+use super::{AsyncSignalConnection, AsyncWork};
+use crate::connection::manager::{classify_commit_error, status_of};
+use crate::connection::server::{ends_transaction, Ending};
+use crate::error::TransactionAborted;
+use crate::ledger::{Call, Op, Plan, Status};
+use crate::outcome::Outcome;
+use crate::pre_commit::PreCommitConnection;
+use crate::registry::{self, Inbox};
+use crate::report::{panic_message, report, FailureCause, HookFailure, HookKind};
+use crate::signals::{self, Veto};
+
+/// A savepoint name no level ever uses: `ROLLBACK TO` it always fails, without effect, and
+/// makes SQLite's connection re-read its autocommit state.
+const SQLITE_PROBE: &str = "ROLLBACK TO dts_autocommit_probe";
+
+/// The `TransactionManager` of [`AsyncSignalConnection<C>`]: wraps `C`'s own manager and settles
+/// hooks at every transition, as [`SignalTransactionManager`](crate::SignalTransactionManager)
+/// does for sync connections. Pools and diesel-async's default `transaction` (a pool object's)
+/// drive it directly; hooks still run.
+///
+/// ```
+/// # #[cfg(feature = "sqlite")] {
+/// use diesel::{Connection, SqliteConnection};
+/// use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+/// use diesel_async::TransactionManager;
+/// use diesel_transaction_signals::{AsyncSignalConnection, AsyncSignalTransactionManager};
+///
+/// type Manager = AsyncSignalTransactionManager<SyncConnectionWrapper<SqliteConnection>>;
+/// # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
+/// let raw: SyncConnectionWrapper<SqliteConnection> = SyncConnectionWrapper::new(SqliteConnection::establish(":memory:").unwrap());
+/// let mut conn = AsyncSignalConnection::new(raw);
+/// let (tx, rx) = std::sync::mpsc::channel();
+/// Manager::begin_transaction(&mut conn).await.unwrap();
+/// conn.on_commit(move || tx.send("committed").unwrap());
+/// Manager::commit_transaction(&mut conn).await.unwrap();
+/// assert_eq!(rx.try_recv(), Ok("committed"));
+/// # });
+/// # }
+/// ```
+pub struct AsyncSignalTransactionManager<C>(PhantomData<fn() -> C>);
+
+impl<C> std::fmt::Debug for AsyncSignalTransactionManager<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AsyncSignalTransactionManager")
+    }
+}
+
+impl<C> TransactionManager<AsyncSignalConnection<C>> for AsyncSignalTransactionManager<C>
+where
+    C: AsyncConnection + 'static,
+{
+    type TransactionStateData =
+        <C::TransactionManager as TransactionManager<C>>::TransactionStateData;
+
+    fn begin_transaction(
+        conn: &mut AsyncSignalConnection<C>,
+    ) -> impl Future<Output = QueryResult<()>> + Send {
+        conn.begin_level()
+    }
+
+    fn rollback_transaction(
+        conn: &mut AsyncSignalConnection<C>,
+    ) -> impl Future<Output = QueryResult<()>> + Send {
+        conn.rollback_level()
+    }
+
+    fn commit_transaction(
+        conn: &mut AsyncSignalConnection<C>,
+    ) -> impl Future<Output = QueryResult<()>> + Send {
+        conn.commit_level()
+    }
+
+    fn transaction_manager_status_mut(
+        conn: &mut AsyncSignalConnection<C>,
+    ) -> &mut TransactionManagerStatus {
+        C::TransactionManager::transaction_manager_status_mut(&mut conn.inner)
+    }
+
+    fn is_broken_transaction_manager(conn: &mut AsyncSignalConnection<C>) -> bool {
+        conn.is_broken_now()
+    }
+}
+
+/// Marks a level abandoned when the `transaction` future that owns it is dropped before the
+/// closure returned. Holds the inbox by `Arc` (no borrow of the connection, which the closure
+/// has), so its `Drop` does the least that is safe: one atomic store. The rollback needs I/O
+/// and happens at the connection's next operation.
+struct Abandon {
+    inbox: Arc<Inbox>,
+    depth: usize,
+    armed: bool,
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inbox.abandon(self.depth);
+        }
+    }
+}
+
+/// Polls `fut`, catching a panic.
+async fn catch_panic<F: Future>(fut: F) -> Result<F::Output, Box<dyn Any + Send>> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(
+        |cx| match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        },
+    )
+    .await
+}
+
+impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
+    /// The inner status, with what the watch knows (PostgreSQL's aborted transaction).
+    fn status(&mut self) -> Status {
+        match status_of(C::TransactionManager::transaction_manager_status_mut(
+            &mut self.inner,
+        )) {
+            Status::Open { depth, aborted } => Status::Open {
+                depth,
+                aborted: aborted || self.watch.aborted_at.is_some(),
+            },
+            other => other,
+        }
+    }
+
+    /// Moves `defer`red hooks into place and makes the ledger agree with the inner status
+    /// (row S1; a MySQL deadlock the watch saw: row E1). Returns the status it read (`None`
+    /// when no level is open).
+    pub(crate) fn sync(&mut self) -> Option<Status> {
+        self.book.drain_inbox();
+        if self.book.ledger.depth() == 0 {
+            return None;
+        }
+        if self.watch.deadlock {
+            self.watch.deadlock = false;
+            self.lose(Outcome::RolledBack, "a deadlock");
+        }
+        let inner = self.status();
+        if self.book.ledger.lost().is_none() {
+            if let Some(step) = self.book.ledger.vanished(inner) {
+                log::warn!(
+                    target: "diesel_transaction_signals",
+                    "connection {}: transaction level(s) ended without the wrapper \
+                     (raw COMMIT/ROLLBACK SQL, or a transaction driven through inner_mut())",
+                    self.book.label
+                );
+                self.book.apply(step);
+            }
+        }
+        Some(inner)
+    }
+
+    /// Row E1: the server ended the transaction; the caller's levels stay open with `fate`.
+    #[cold]
+    fn lose(&mut self, fate: Outcome, cause: &str) {
+        if self.book.ledger.depth() == 0 {
+            return;
+        }
+        log::warn!(
+            target: "diesel_transaction_signals",
+            "connection {}: the database ended the transaction on its own ({cause}); its hooks \
+             settle {fate}, and statements are refused until its outermost level ends",
+            self.book.label
+        );
+        self.book.ledger.lose(fate);
+        *C::TransactionManager::transaction_manager_status_mut(&mut self.inner) =
+            TransactionManagerStatus::Valid(ValidTransactionManagerStatus::default());
+    }
+
+    /// Refuses a statement that must not run now, and tells the watch where it runs.
+    #[inline]
+    pub(crate) fn before_statement(&mut self) -> Result<(), Error> {
+        if self.watch.deadlock {
+            self.sync();
+        }
+        if self.book.inbox.abandoned().is_some() {
+            return Err(TransactionAborted::abandoned_error());
+        }
+        if self.book.ledger.refuses_statements() {
+            return Err(TransactionAborted::statement_error());
+        }
+        self.watch.depth = self.book.ledger.live_depth();
+        Ok(())
+    }
+
+    /// What needs I/O before the next operation: the rollback of an abandoned level, a probe
+    /// after a failed statement.
+    pub(crate) async fn look(&mut self) {
+        if let Some(depth) = self.book.inbox.abandoned() {
+            self.book.inbox.clear_abandoned();
+            if self.book.ledger.depth() >= depth {
+                log::warn!(
+                    target: "diesel_transaction_signals",
+                    "connection {}: a transaction future was dropped inside its closure; rolling \
+                     back level {depth} and above before the connection is used again",
+                    self.book.label
+                );
+                let _ = self
+                    .rollback_to(depth, "its transaction future was dropped before it ended")
+                    .await;
+            }
+        }
+        if self.watch.probe {
+            self.watch.probe = false;
+            if self.book.ledger.live_depth() > 0 {
+                self.probe().await;
+            }
+        }
+    }
+
+    /// After a failed statement: did the server end the transaction?
+    #[cold]
+    async fn probe(&mut self) {
+        match self.watch.backend {
+            Backend::Sqlite => {
+                // Fails either way; in autocommit Diesel then resets its status.
+                let _ = self.inner.batch_execute(SQLITE_PROBE).await;
+                if self.status().depth() < self.book.ledger.live_depth() {
+                    self.lose(
+                        Outcome::RolledBack,
+                        "a statement's error rolled the whole transaction back",
+                    );
+                }
+            }
+            Backend::Mysql => {
+                let timeout = std::mem::take(&mut self.watch.lock_wait_timeout);
+                if self.server_in_transaction().await == Some(false) {
+                    let cause = if timeout {
+                        "a lock wait timeout"
+                    } else {
+                        "the connection was lost"
+                    };
+                    self.lose(Outcome::RolledBack, cause);
+                }
+            }
+            Backend::Postgres | Backend::Other => {}
+        }
+    }
+
+    /// MySQL / MariaDB: whether the server still has a transaction open (`@@in_transaction`);
+    /// `None` when it cannot say.
+    async fn server_in_transaction(&mut self) -> Option<bool> {
+        #[cfg(feature = "mysql")]
+        {
+            let inner: &mut dyn Any = &mut self.inner;
+            if let Some(conn) = inner.downcast_mut::<diesel_async::AsyncMysqlConnection>() {
+                use diesel_async::RunQueryDsl;
+                return diesel::sql_query("SELECT CAST(@@in_transaction AS SIGNED) AS open")
+                    .get_result::<crate::mysql::InTransaction>(conn)
+                    .await
+                    .ok()
+                    .map(|r| r.open != 0);
+            }
+        }
+        None
+    }
+
+    /// After `batch_execute(sql)` succeeded inside a transaction: raw SQL may have ended it.
+    pub(crate) async fn batch_ran(&mut self, sql: &str) {
+        if self.book.ledger.live_depth() == 0 {
+            return;
+        }
+        let mysql = self.watch.backend == Backend::Mysql;
+        let Some(ending) = ends_transaction(sql, mysql) else {
+            return;
+        };
+        match self.watch.backend {
+            Backend::Mysql => {
+                if self.server_in_transaction().await == Some(false) {
+                    match ending {
+                        Ending::Explicit => {
+                            self.lose(Outcome::Unknown, "raw SQL ended it (COMMIT or ROLLBACK)")
+                        }
+                        Ending::Implicit => self.lose(
+                            Outcome::Committed,
+                            "an implicit commit before DDL or LOCK TABLES",
+                        ),
+                    }
+                }
+            }
+            Backend::Sqlite => {
+                let _ = self.inner.batch_execute(SQLITE_PROBE).await;
+                if self.status().depth() < self.book.ledger.live_depth() {
+                    self.lose(Outcome::Unknown, "raw SQL ended it (COMMIT or ROLLBACK)");
+                }
+            }
+            // diesel-async's PostgreSQL connection does not read the server's transaction
+            // status: a raw COMMIT or ROLLBACK is taken at its word.
+            Backend::Postgres | Backend::Other => {
+                self.lose(Outcome::Unknown, "raw SQL ended it (COMMIT or ROLLBACK)")
+            }
+        }
+    }
+
+    /// Whether a pool must discard the connection: its manager is broken, a transaction is
+    /// open (not a test transaction's), or an abandoned level awaits its rollback.
+    pub(crate) fn is_broken_now(&mut self) -> bool {
+        self.sync();
+        self.book.inbox.abandoned().is_some()
+            || C::TransactionManager::is_broken_transaction_manager(&mut self.inner)
+            || (self.book.ledger.depth() > 0 && !self.book.ledger.is_test_transaction())
+    }
+
+    /// Begins a level (rows B1-B3).
+    pub(crate) async fn begin_level(&mut self) -> QueryResult<()> {
+        self.look().await;
+        let before = self.sync().unwrap_or(Status::Idle);
+        if self.book.ledger.plan(Op::Begin, before) == Plan::Refuse {
+            return Err(TransactionAborted::statement_error());
+        }
+        C::TransactionManager::begin_transaction(&mut self.inner).await?;
+        if before.depth() == 0 {
+            self.watch.reset();
+        }
+        self.book.open_task_level();
+        Ok(())
+    }
+
+    /// Rolls back the innermost level (rows X1, X2, L2, C5).
+    pub(crate) async fn rollback_level(&mut self) -> QueryResult<()> {
+        self.look().await;
+        self.rollback_once().await
+    }
+
+    async fn rollback_once(&mut self) -> QueryResult<()> {
+        let before = match self.sync() {
+            Some(status) => status,
+            None => self.status(),
+        };
+        let plan = self.book.ledger.plan(Op::Rollback, before);
+        let result = match plan {
+            Plan::Forward => C::TransactionManager::rollback_transaction(&mut self.inner).await,
+            _ => Ok(()),
+        };
+        if result.is_ok() && plan == Plan::Forward {
+            self.watch.rolled_back_to(before.depth());
+        }
+        let call = if result.is_ok() {
+            Call::Ok
+        } else {
+            Call::Failed
+        };
+        let after = self.status();
+        let step = self
+            .book
+            .ledger
+            .step(Op::Rollback, plan, before, call, after);
+        self.book.apply(step);
+        if self.book.ledger.depth() == 0 {
+            self.watch.reset();
+        }
+        result
+    }
+
+    /// Rolls back until fewer than `depth` levels are open; returns the first error.
+    pub(crate) async fn rollback_to(&mut self, depth: usize, why: &str) -> QueryResult<()> {
+        let mut first_error = Ok(());
+        loop {
+            self.sync();
+            let open = self.book.ledger.depth();
+            if open < depth {
+                break;
+            }
+            if let Err(e) = self.rollback_once().await {
+                log::warn!(
+                    target: "diesel_transaction_signals",
+                    "connection {}: rollback after {why} failed: {e}",
+                    self.book.label
+                );
+                if first_error.is_ok() {
+                    first_error = Err(e);
+                }
+            }
+            if self.book.ledger.depth() >= open {
+                // Nothing moved: give the levels up rather than loop.
+                self.book.close(depth - 1, Outcome::RolledBack, why);
+                break;
+            }
+        }
+        first_error
+    }
+
+    /// Commits the innermost level (rows R1-R3, C1-C5, L1), then awaits the `on_commit_async`
+    /// futures of a transaction that committed.
+    pub(crate) async fn commit_level(&mut self) -> QueryResult<()> {
+        self.look().await;
+        let mut before = match self.sync() {
+            Some(status) => status,
+            None => self.status(),
+        };
+        let lost = self.book.ledger.lost();
+        if self.book.ledger.depth() > 1 && lost.is_none() && self.watch.aborted_at.is_some() {
+            // PostgreSQL refuses RELEASE in an aborted transaction, and diesel-async would count
+            // the savepoint closed while the server keeps it. Refuse here (row R2): the caller
+            // rolls the savepoint back, which clears a failure that happened inside it.
+            return Err(TransactionAborted::into_error());
+        }
+        if before
+            == (Status::Open {
+                depth: 1,
+                aborted: false,
+            })
+            && lost.is_none()
+            && (signals::PRE_COMMIT.is_active() || self.book.ledger.has_pre_commit())
+        {
+            if let Err(e) = self.pre_commit().await {
+                let _ = self
+                    .rollback_to(1, "the commit was refused before COMMIT")
+                    .await;
+                return Err(e);
+            }
+            before = self.sync().unwrap_or(Status::Idle);
+        }
+        let plan = self.book.ledger.plan(Op::Commit, before);
+        let outermost = before.depth() == 1 && plan == Plan::Forward;
+        let slot = outermost.then(|| self.book.seal());
+        let lost = self.book.ledger.lost().is_some();
+        let result = {
+            // Dropped while COMMIT is in flight: only the server knows (the inner manager
+            // marks itself broken, so a pool discards the connection).
+            let in_flight = scopeguard::guard((&mut self.book, outermost), |(book, armed)| {
+                if armed {
+                    book.close(
+                        0,
+                        Outcome::Unknown,
+                        "the transaction future was dropped while COMMIT was in flight",
+                    );
+                }
+            });
+            let result = match plan {
+                Plan::Forward => C::TransactionManager::commit_transaction(&mut self.inner).await,
+                Plan::RollbackInstead => {
+                    C::TransactionManager::rollback_transaction(&mut self.inner).await
+                }
+                Plan::Nothing if lost => Ok(()),
+                Plan::Nothing | Plan::Refuse => {
+                    C::TransactionManager::commit_transaction(&mut self.inner).await
+                }
+            };
+            let (book, _) = scopeguard::ScopeGuard::into_inner(in_flight);
+            if let Some(slot) = slot {
+                registry::unseal(slot, &book.inbox);
+            }
+            result
+        };
+        let result = self.commit_settled(plan, before, result);
+        if self.book.ledger.depth() == 0 {
+            self.watch.reset();
+            self.run_after_commit().await;
+        }
+        result
+    }
+
+    /// Settles what a COMMIT (or RELEASE) planned as `plan` that returned `result` closed, and
+    /// says what `commit_transaction` returns.
+    fn commit_settled(
+        &mut self,
+        plan: Plan,
+        before: Status,
+        mut result: QueryResult<()>,
+    ) -> QueryResult<()> {
+        let after = self.status();
+        let call = match &result {
+            Ok(()) => Call::Ok,
+            Err(e) => classify_commit_error(e, after == Status::Broken, || false),
+        };
+        let lost = self.book.ledger.lost();
+        let step = self.book.ledger.step(Op::Commit, plan, before, call, after);
+        self.book.apply(step);
+        match plan {
+            Plan::RollbackInstead => {
+                let aborted = TransactionAborted::into_error();
+                result = Err(match result {
+                    Ok(()) => aborted,
+                    Err(rollback_error) => Error::RollbackErrorOnCommit {
+                        rollback_error: Box::new(rollback_error),
+                        commit_error: Box::new(aborted),
+                    },
+                });
+            }
+            Plan::Nothing if lost == Some(Outcome::Committed) => {}
+            Plan::Nothing if lost.is_some() || result.is_ok() => {
+                result = Err(TransactionAborted::lost_error());
+            }
+            _ => {}
+        }
+        result
+    }
+
+    /// The phase between the closure's end and COMMIT: `PRE_COMMIT` receivers, then the
+    /// pre-commit work in registration order (async `before_commit` work awaited with the
+    /// connection), until the queue stays empty. An error or a veto refuses the commit; a
+    /// panic rolls back and continues.
+    async fn pre_commit(&mut self) -> QueryResult<()> {
+        if signals::PRE_COMMIT.is_active() {
+            let event = self.book.event(None);
+            signals::PRE_COMMIT
+                .send_veto(&event)
+                .map_err(Veto::into_error)?;
+        }
+        loop {
+            self.sync();
+            if self.book.ledger.depth() != 1 || self.book.ledger.lost().is_some() {
+                return Ok(());
+            }
+            let mut pending = self.book.ledger.take_pre_commit();
+            if pending.is_empty() {
+                let slot = self.book.seal();
+                self.book.drain_inbox();
+                pending = self.book.ledger.take_pre_commit();
+                if pending.is_empty() {
+                    self.book.ledger.seal();
+                    return Ok(());
+                }
+                registry::unseal(slot, &self.book.inbox);
+            }
+            let mut pending = pending.into_iter();
+            while let Some(hook) = pending.next() {
+                let location = hook.location();
+                let Some(f) = hook.into_pre_commit() else {
+                    continue;
+                };
+                let mut work: Option<AsyncWork<C>> = None;
+                let (id, backend) = (self.book.label.id, self.book.backend);
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    f(&mut PreCommitConnection {
+                        conn: &mut work,
+                        id,
+                        backend,
+                    })
+                }));
+                let result = match (result, work) {
+                    (Ok(Ok(())), Some(work)) => catch_panic(work(self)).await,
+                    (other, _) => other,
+                };
+                self.book.ledger.totals.ran += 1;
+                let failure = match result {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => Err(e),
+                    Err(panic) => Ok(panic),
+                };
+                for rest in pending {
+                    self.book.ledger.totals.discarded += 1;
+                    log::debug!(
+                        target: "diesel_transaction_signals",
+                        "before_commit hook registered at {} discarded: an earlier one failed",
+                        rest.location()
+                    );
+                }
+                match failure {
+                    Err(e) => {
+                        log::debug!(
+                            target: "diesel_transaction_signals",
+                            "connection {}: before_commit hook registered at {location} refused the commit: {e}",
+                            self.book.label
+                        );
+                        return Err(e);
+                    }
+                    Ok(panic) => {
+                        let _ = self.rollback_to(1, "a before_commit hook panicked").await;
+                        resume_unwind(panic);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Awaits the `on_commit_async` futures of the transaction that just committed, in order.
+    /// If this future is dropped first, the rest are spawned (see `on_commit_async`).
+    async fn run_after_commit(&mut self) {
+        let queue = {
+            let mut queue = self.after_commit.lock().unwrap_or_else(|e| e.into_inner());
+            if queue.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *queue)
+        };
+        let label = self.book.label.clone();
+        let spawn_label = label.clone();
+        let mut rest = scopeguard::guard(queue.into_iter(), move |rest| {
+            for (fut, location) in rest {
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => {
+                        log::info!(
+                            target: "diesel_transaction_signals",
+                            "on_commit_async future registered at {location} spawned: the \
+                             caller's transaction future was dropped after COMMIT (connection {spawn_label})"
+                        );
+                        let label = spawn_label.clone();
+                        runtime.spawn(async move {
+                            settle_async(catch_panic(fut).await, location, &label);
+                        });
+                    }
+                    Err(_) => log::warn!(
+                        target: "diesel_transaction_signals",
+                        "on_commit_async future registered at {location} dropped unrun: the \
+                         caller's future was dropped after COMMIT outside a tokio runtime \
+                         (connection {spawn_label})"
+                    ),
+                }
+            }
+        });
+        for (fut, location) in rest.by_ref() {
+            settle_async(catch_panic(fut).await, location, &label);
+        }
+    }
+
+    /// `transaction`: begin, the closure, commit or roll back; a closure whose future is
+    /// dropped leaves its level abandoned (rolled back at the connection's next operation).
+    pub(crate) async fn run_transaction<'a, R, E, F>(&mut self, callback: F) -> Result<R, E>
+    where
+        for<'r> F: AsyncFnOnce(&'r mut Self) -> Result<R, E>
+            + AsyncFunc<&'r mut Self, Result<R, E>, Fut: Send>
+            + Send
+            + 'a,
+        E: From<Error> + Send,
+        R: Send,
+    {
+        self.begin_level().await?;
+        let depth = self.book.ledger.depth();
+        let mut abandon = Abandon {
+            inbox: Arc::clone(&self.book.inbox),
+            depth,
+            armed: true,
+        };
+        let result = callback(&mut *self).await;
+        abandon.armed = false;
+        drop(abandon);
+        self.sync();
+        if self.book.ledger.depth() < depth {
+            // The closure ended the level itself (raw manager calls), or the connection broke
+            // inside it and every level settled as rolled back.
+            return match result {
+                Ok(_) if self.status() == Status::Broken => {
+                    Err(Error::BrokenTransactionManager.into())
+                }
+                other => other,
+            };
+        }
+        match result {
+            Ok(value) => match self.commit_level().await {
+                Ok(()) => Ok(value),
+                Err(commit_error) => {
+                    let _ = self.rollback_to(depth, "its commit failed").await;
+                    Err(commit_error.into())
+                }
+            },
+            Err(user_error) => match self
+                .rollback_to(depth, "the closure returned an error")
+                .await
+            {
+                Ok(()) | Err(Error::BrokenTransactionManager) => Err(user_error),
+                Err(rollback_error) => Err(rollback_error.into()),
+            },
+        }
+    }
+
+    /// Rolls back the transaction levels left open by a `transaction` future that was dropped
+    /// inside its closure (their rollback hooks run now), if there are any. The connection's
+    /// next transaction operation and `batch_execute` do this on their own; statements are
+    /// refused until it is done.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::{Connection, QueryResult, SqliteConnection};
+    /// use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+    /// use diesel_async::AsyncConnection;
+    /// use diesel_transaction_signals::AsyncSignalConnection;
+    /// use std::time::Duration;
+    ///
+    /// # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
+    /// let raw: SyncConnectionWrapper<SqliteConnection> = SyncConnectionWrapper::new(SqliteConnection::establish(":memory:").unwrap());
+    /// let mut conn = AsyncSignalConnection::new(raw);
+    /// let (tx, rx) = std::sync::mpsc::channel();
+    /// let timed_out = tokio::time::timeout(Duration::from_millis(10), conn.transaction(async |c| {
+    ///     c.on_rollback(move || tx.send("rolled back").unwrap());
+    ///     std::future::pending::<QueryResult<()>>().await // never finishes
+    /// })).await;
+    /// assert!(timed_out.is_err());
+    /// conn.roll_back_abandoned().await.unwrap();
+    /// assert_eq!(rx.try_recv(), Ok("rolled back"));
+    /// assert_eq!(conn.transaction_depth(), 0);
+    /// # });
+    /// # }
+    /// ```
+    pub async fn roll_back_abandoned(&mut self) -> QueryResult<()> {
+        match self.book.inbox.abandoned() {
+            Some(depth) => {
+                self.book.inbox.clear_abandoned();
+                self.rollback_to(depth, "its transaction future was dropped before it ended")
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// Reports the result of an `on_commit_async` future.
+fn settle_async(
+    result: Result<Option<String>, Box<dyn Any + Send>>,
+    location: &'static std::panic::Location<'static>,
+    label: &crate::id::Label,
+) {
+    let cause = match result {
+        Ok(None) => return,
+        Ok(Some(message)) => FailureCause::Returned(message),
+        Err(panic) => FailureCause::Panicked(panic_message(&*panic)),
+    };
+    report(HookFailure::new(
+        HookKind::Commit,
+        location,
+        Some(label),
+        cause,
+    ));
+}

@@ -1,0 +1,701 @@
+//! `AsyncSignalConnection` on real databases: SQLite (`SyncConnectionWrapper`), PostgreSQL
+//! (`AsyncPgConnection`) and MariaDB (`AsyncMysqlConnection`). Each scenario is written once,
+//! generic over the backend, and instantiated for all three by `scenarios!` at the end.
+#![cfg(all(
+    feature = "async",
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "mysql"
+))]
+
+mod common;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{unique_tag, Recorder};
+use diesel::result::{Error, QueryResult};
+use diesel::sqlite::SqliteConnection;
+use diesel::QueryableByName;
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncConnection, AsyncMysqlConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_transaction_signals::{defer, AsyncSignalConnection, Outcome, TransactionAborted};
+
+type Sqlite = SyncConnectionWrapper<SqliteConnection>;
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// What a scenario needs from a backend: a connection with the test table, raw statements and a
+/// row count, all on concrete types (raw SQL without binds, so the text is the same everywhere).
+trait Backend: AsyncConnection + Sized + 'static {
+    /// A database URL: the shared server's, or a fresh SQLite file.
+    fn url() -> String;
+    fn connect_to(url: &str) -> impl Future<Output = AsyncSignalConnection<Self>> + Send;
+    fn connect() -> impl Future<Output = AsyncSignalConnection<Self>> + Send {
+        let url = Self::url();
+        async move { Self::connect_to(&url).await }
+    }
+    fn exec<'a>(
+        c: &'a mut AsyncSignalConnection<Self>,
+        sql: &'a str,
+    ) -> impl Future<Output = QueryResult<usize>> + Send + 'a;
+    fn count<'a>(
+        c: &'a mut AsyncSignalConnection<Self>,
+        tag: &'a str,
+    ) -> impl Future<Output = i64> + Send + 'a;
+    /// A statement that fails on the server without ending the transaction on its own
+    /// (PostgreSQL then aborts the transaction).
+    const FAILING: &'static str = "INSERT INTO no_such_table VALUES (1)";
+}
+
+macro_rules! backend {
+    ($ty:ty, $url:expr, $create:expr) => {
+        impl Backend for $ty {
+            fn url() -> String {
+                $url
+            }
+            fn connect_to(url: &str) -> impl Future<Output = AsyncSignalConnection<Self>> + Send {
+                let url = url.to_owned();
+                async move {
+                    let mut c = AsyncSignalConnection::<$ty>::establish(&url)
+                        .await
+                        .expect("connect");
+                    diesel::sql_query($create).execute(&mut c).await.unwrap();
+                    c
+                }
+            }
+            fn exec<'a>(
+                c: &'a mut AsyncSignalConnection<Self>,
+                sql: &'a str,
+            ) -> impl Future<Output = QueryResult<usize>> + Send + 'a {
+                async move { diesel::sql_query(sql).execute(c).await }
+            }
+            fn count<'a>(
+                c: &'a mut AsyncSignalConnection<Self>,
+                tag: &'a str,
+            ) -> impl Future<Output = i64> + Send + 'a {
+                async move {
+                    diesel::sql_query(format!(
+                        "SELECT COUNT(*) AS n FROM async_rows WHERE tag = '{tag}'"
+                    ))
+                    .get_result::<Count>(c)
+                    .await
+                    .unwrap()
+                    .n
+                }
+            }
+        }
+    };
+}
+
+/// SQLite: a fresh file per call (tests run in parallel, and SQLite has one writer per file);
+/// a pool's connections share the file of its URL.
+fn sqlite_url() -> String {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| tempfile::tempdir().unwrap());
+    let name = unique_tag("async");
+    dir.path()
+        .join(format!("{name}.db"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+backend!(
+    Sqlite,
+    sqlite_url(),
+    "CREATE TABLE IF NOT EXISTS async_rows (tag TEXT NOT NULL, n INTEGER NOT NULL)"
+);
+backend!(
+    AsyncPgConnection,
+    common::pg_url(),
+    "CREATE TABLE IF NOT EXISTS async_rows (tag TEXT NOT NULL, n INTEGER NOT NULL)"
+);
+backend!(
+    AsyncMysqlConnection,
+    common::mysql_url(),
+    "CREATE TABLE IF NOT EXISTS async_rows (tag VARCHAR(100) NOT NULL, n INTEGER NOT NULL) ENGINE=InnoDB"
+);
+
+fn insert(tag: &str, n: i32) -> String {
+    format!("INSERT INTO async_rows (tag, n) VALUES ('{tag}', {n})")
+}
+
+/// Commit hooks run after COMMIT, in order, before `transaction` returns; nothing runs before.
+async fn commit_runs_commit_hooks<B: Backend>() {
+    let mut c = B::connect().await;
+    let tag = unique_tag("commit");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    c.transaction(async |c| {
+        B::exec(c, &insert(&tag, 1)).await?;
+        c.on_commit(r.hook("first"));
+        c.on_rollback(r.hook("rollback"));
+        c.on_complete(r.outcome("complete"));
+        tokio::task::yield_now().await;
+        c.on_commit(r.hook("second"));
+        assert!(r.get().is_empty(), "nothing runs before COMMIT");
+        QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(rec.take(), ["first", "complete:Committed", "second"]);
+    assert_eq!(B::count(&mut c, &tag).await, 1);
+    assert_eq!(c.transaction_depth(), 0);
+}
+
+/// An `Err` from the closure rolls back: rollback hooks run, commit hooks never do.
+async fn error_rolls_back<B: Backend>() {
+    let mut c = B::connect().await;
+    let tag = unique_tag("rollback");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let result = c
+        .transaction(async |c| {
+            B::exec(c, &insert(&tag, 1)).await?;
+            c.on_commit(r.hook("commit"));
+            c.on_rollback(r.hook("rollback"));
+            Err::<(), _>(Error::RollbackTransaction)
+        })
+        .await;
+    assert!(matches!(result, Err(Error::RollbackTransaction)));
+    assert_eq!(rec.take(), ["rollback"]);
+    assert_eq!(B::count(&mut c, &tag).await, 0);
+}
+
+/// A savepoint that rolls back takes its commit hooks with it and runs its rollback hooks at
+/// once; the enclosing transaction commits with its own.
+async fn savepoint_rollback_keeps_the_outer_level<B: Backend>() {
+    let mut c = B::connect().await;
+    let tag = unique_tag("savepoint");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    c.transaction(async |c| {
+        B::exec(c, &insert(&tag, 1)).await?;
+        c.on_commit(r.hook("outer-commit"));
+        let inner = c
+            .transaction(async |c| {
+                B::exec(c, &insert(&tag, 2)).await?;
+                c.on_commit(r.hook("inner-commit"));
+                c.on_rollback(r.hook("inner-rollback"));
+                Err::<(), _>(Error::RollbackTransaction)
+            })
+            .await;
+        assert!(inner.is_err());
+        assert_eq!(
+            r.get(),
+            ["inner-rollback"],
+            "at once, at the savepoint's rollback"
+        );
+        c.transaction(async |c| {
+            c.on_commit(r.hook("released-commit"));
+            QueryResult::Ok(())
+        })
+        .await?;
+        QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        rec.take(),
+        ["inner-rollback", "outer-commit", "released-commit"]
+    );
+    assert_eq!(B::count(&mut c, &tag).await, 1);
+}
+
+/// `defer!` inside an async transaction waits for its COMMIT, across `.await` points and
+/// worker threads; a task spawned inside does not inherit the transaction.
+async fn defer_follows_the_task<B: Backend>() {
+    let mut c = B::connect().await;
+    let tag = unique_tag("defer");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let handle = tokio::spawn(async move {
+        c.transaction(async |c| {
+            defer(r.hook("before-await"));
+            for _ in 0..20 {
+                // Yields so the task may resume on another worker thread.
+                tokio::task::yield_now().await;
+                B::exec(c, &insert(&tag, 1)).await?;
+            }
+            let after = r.hook("after-await");
+            defer!(move || after());
+            let spawned = r.clone();
+            tokio::spawn(async move {
+                // Not this task's transaction: runs at once.
+                defer(spawned.hook("spawned-runs-at-once"));
+            })
+            .await
+            .unwrap();
+            assert_eq!(r.get(), ["spawned-runs-at-once"]);
+            QueryResult::Ok(())
+        })
+        .await
+        .unwrap();
+        let n = B::count(&mut c, &tag).await;
+        (c, n)
+    });
+    let (_c, n) = handle.await.unwrap();
+    assert_eq!(n, 20);
+    assert_eq!(
+        rec.take(),
+        ["spawned-runs-at-once", "before-await", "after-await"]
+    );
+}
+
+/// Two tasks with transactions open at once: each `defer!` lands in its own task's.
+async fn defer_never_crosses_tasks<B: Backend>() {
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let rec = Recorder::new();
+    let mut tasks = Vec::new();
+    for (name, commit) in [("a", true), ("b", false)] {
+        let (barrier, r) = (Arc::clone(&barrier), rec.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = B::connect().await;
+            let _ = c
+                .transaction(async |_| {
+                    barrier.wait().await; // both transactions are open now
+                    defer(r.hook(format!("{name}-deferred")));
+                    barrier.wait().await;
+                    if commit {
+                        QueryResult::Ok(())
+                    } else {
+                        Err(Error::RollbackTransaction)
+                    }
+                })
+                .await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(rec.take(), ["a-deferred"]);
+}
+
+/// `on_commit_async` futures are awaited in order after COMMIT, before `transaction` returns;
+/// a rolled back transaction drops them unpolled.
+async fn commit_async_hooks_are_awaited<B: Backend>() {
+    let mut c = B::connect().await;
+    let rec = Recorder::new();
+    let r = rec.clone();
+    c.transaction(async |c| {
+        c.on_commit(r.hook("sync"));
+        let r1 = r.clone();
+        c.on_commit_async(async move {
+            tokio::task::yield_now().await;
+            r1.push("async-1");
+        });
+        let r2 = r.clone();
+        c.on_commit_async(async move { r2.push("async-2") });
+        QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(rec.take(), ["sync", "async-1", "async-2"]);
+    let r = rec.clone();
+    let _ = c
+        .transaction(async |c| {
+            c.on_commit_async(async move { r.push("never") });
+            Err::<(), _>(Error::RollbackTransaction)
+        })
+        .await;
+    assert!(rec.take().is_empty());
+}
+
+/// Async `before_commit` work runs inside the transaction with the connection; its `Err`
+/// rolls the transaction back and is returned.
+async fn before_commit_runs_inside<B: Backend>() {
+    let mut c = B::connect().await;
+    let tag = unique_tag("before");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let t = tag.clone();
+    c.transaction(async |c| {
+        c.on_commit(r.hook("commit"));
+        c.before_commit(move |c| {
+            Box::pin(async move {
+                B::exec(c, &insert(&t, 7)).await?;
+                Ok(())
+            })
+        })?;
+        QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(B::count(&mut c, &tag).await, 1, "written before COMMIT");
+    assert_eq!(rec.take(), ["commit"]);
+
+    let tag2 = unique_tag("before-refused");
+    let r = rec.clone();
+    let t = tag2.clone();
+    let result = c
+        .transaction(async |c| {
+            B::exec(c, &insert(&t, 1)).await?;
+            c.on_commit(r.hook("commit"));
+            c.on_rollback(r.hook("rollback"));
+            c.before_commit(|_| Box::pin(async { Err(Error::NotFound) }))?;
+            QueryResult::Ok(())
+        })
+        .await;
+    assert!(matches!(result, Err(Error::NotFound)));
+    assert_eq!(rec.take(), ["rollback"]);
+    assert_eq!(B::count(&mut c, &tag2).await, 0);
+}
+
+/// A transaction future dropped inside its closure (a timeout): no commit hook ever runs; the
+/// connection's next operation rolls the work back and runs the rollback hooks once; statements
+/// in between are refused rather than run inside the dangling transaction.
+async fn cancelled_inside_the_closure<B: Backend>() {
+    let mut c = B::connect().await;
+    let tag = unique_tag("cancel");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
+    let timed_out = {
+        let fut = c.transaction(async |c| {
+            B::exec(c, &insert(&tag, 1)).await?;
+            c.on_commit(r.hook("commit"));
+            c.on_rollback(r.hook("rollback"));
+            entered_tx.send(()).unwrap();
+            std::future::pending::<QueryResult<()>>().await
+        });
+        tokio::select! {
+            result = fut => Some(result),
+            _ = async { entered_rx.await.unwrap() } => None,
+        }
+    };
+    assert!(timed_out.is_none(), "the transaction future was dropped");
+    assert!(
+        rec.get().is_empty(),
+        "nothing settles before the next operation"
+    );
+    let refused = B::exec(&mut c, "SELECT 1").await;
+    assert!(
+        matches!(&refused, Err(e) if TransactionAborted::is(e)),
+        "{refused:?}"
+    );
+    // The next transaction rolls the abandoned one back first.
+    c.transaction(async |_| QueryResult::Ok(())).await.unwrap();
+    assert_eq!(rec.take(), ["rollback"]);
+    assert_eq!(B::count(&mut c, &tag).await, 0, "the work was rolled back");
+    assert_eq!(c.transaction_depth(), 0);
+}
+
+/// A panic inside the closure: the level is abandoned and rolled back like a cancellation.
+async fn panic_inside_the_closure<B: Backend>() {
+    let mut c = B::connect().await;
+    let tag = unique_tag("panic");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let mut c = tokio::spawn(async move {
+        let result = {
+            let fut = c.transaction(async |c| {
+                B::exec(c, &insert(&tag, 1)).await?;
+                c.on_commit(r.hook("commit"));
+                c.on_rollback(r.hook("rollback"));
+                if r.get().is_empty() {
+                    panic!("boom");
+                }
+                QueryResult::Ok(())
+            });
+            futures_catch(fut).await
+        };
+        assert!(result.is_err(), "the closure panicked");
+        c.roll_back_abandoned().await.unwrap();
+        (c, tag)
+    })
+    .await
+    .unwrap();
+    assert_eq!(rec.take(), ["rollback"]);
+    assert_eq!(B::count(&mut c.0, &c.1).await, 0);
+}
+
+/// Polls `fut` to completion, catching a panic (`AssertUnwindSafe` inside a future).
+async fn futures_catch<F: Future>(fut: F) -> Result<F::Output, ()> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
+    })
+    .await
+}
+
+/// A statement's error swallowed inside the closure: on PostgreSQL the transaction is aborted
+/// and diesel-async's COMMIT would return `Ok`; the wrapper returns `TransactionAborted`, runs
+/// the rollback hooks and no commit hook. On SQLite and MariaDB a failed statement leaves the
+/// transaction usable, and it commits.
+async fn swallowed_statement_error<B: Backend>(aborts: bool) {
+    let mut c = B::connect().await;
+    let tag = unique_tag("swallowed");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let result = c
+        .transaction(async |c| {
+            B::exec(c, &insert(&tag, 1)).await?;
+            c.on_commit(r.hook("commit"));
+            c.on_rollback(r.hook("rollback"));
+            assert!(B::exec(c, B::FAILING).await.is_err());
+            QueryResult::Ok(())
+        })
+        .await;
+    if aborts {
+        assert!(
+            matches!(&result, Err(e) if TransactionAborted::is(e)),
+            "{result:?}"
+        );
+        assert_eq!(rec.take(), ["rollback"]);
+        assert_eq!(B::count(&mut c, &tag).await, 0);
+    } else {
+        result.unwrap();
+        assert_eq!(rec.take(), ["commit"]);
+        assert_eq!(B::count(&mut c, &tag).await, 1);
+    }
+}
+
+/// PostgreSQL: an error inside a savepoint that is rolled back leaves the outer transaction
+/// healthy, and it commits.
+async fn savepoint_clears_an_aborted_transaction<B: Backend>() {
+    let mut c = B::connect().await;
+    let tag = unique_tag("sp-clear");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    c.transaction(async |c| {
+        B::exec(c, &insert(&tag, 1)).await?;
+        c.on_commit(r.hook("commit"));
+        let inner = c
+            .transaction(async |c| {
+                c.on_rollback(r.hook("inner-rollback"));
+                B::exec(c, B::FAILING).await?;
+                QueryResult::Ok(())
+            })
+            .await;
+        assert!(inner.is_err());
+        // A savepoint whose closure swallowed the error: RELEASE is refused, the savepoint is
+        // rolled back, the outer transaction is still healthy.
+        let inner = c
+            .transaction(async |c| {
+                let _ = B::exec(c, B::FAILING).await;
+                QueryResult::Ok(())
+            })
+            .await;
+        assert!(inner.is_err(), "an aborted savepoint does not release");
+        B::exec(c, &insert(&tag, 2)).await?;
+        QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(rec.take(), ["inner-rollback", "commit"]);
+    assert_eq!(B::count(&mut c, &tag).await, 2);
+}
+
+/// `begin_test_transaction`: hooks never run, and the level is not a reason for a pool to
+/// discard the connection.
+async fn test_transaction_runs_no_hooks<B: Backend>() {
+    let mut c = B::connect().await;
+    let rec = Recorder::new();
+    c.begin_test_transaction().await.unwrap();
+    let r = rec.clone();
+    c.transaction(async |c| {
+        c.on_commit(r.hook("inner-commit"));
+        QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+    assert!(rec.get().is_empty(), "the test transaction never commits");
+    drop(c);
+    assert!(rec.get().is_empty(), "its hooks are discarded, not run");
+}
+
+/// The pool: a connection whose transaction future was dropped is discarded, never handed
+/// out with the transaction open (pool of size 1, so a dirty connection would show at once).
+async fn deadpool_never_hands_out_an_open_transaction<B>()
+where
+    B: Backend + diesel_async::pooled_connection::PoolableConnection + Send,
+    diesel::dsl::select<diesel::dsl::AsExprOf<i32, diesel::sql_types::Integer>>:
+        for<'a> diesel_async::methods::LoadQuery<'a, AsyncSignalConnection<B>, i32>,
+    diesel::query_builder::SqlQuery: diesel_async::methods::ExecuteDsl<AsyncSignalConnection<B>>,
+    <B as diesel_async::AsyncConnectionCore>::Backend: diesel::backend::DieselReserveSpecialization,
+{
+    use diesel_async::pooled_connection::deadpool::{Object, Pool};
+    use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+    let url = B::url();
+    drop(B::connect_to(&url).await); // the table exists
+    let manager = AsyncDieselConnectionManager::<AsyncSignalConnection<B>>::new(url);
+    let pool = Pool::builder(manager).max_size(1).build().unwrap();
+    let tag = unique_tag("pool");
+    let rec = Recorder::new();
+    let first_id;
+    {
+        let mut conn = pool.get().await.unwrap();
+        first_id = conn.id();
+        let r = rec.clone();
+        let t = tag.clone();
+        let timed_out = tokio::time::timeout(
+            Duration::from_millis(200),
+            conn.transaction(async |c: &mut Object<AsyncSignalConnection<B>>| {
+                B::exec(&mut **c, &insert(&t, 1)).await?;
+                c.on_commit(r.hook("commit"));
+                c.on_rollback(r.hook("rollback"));
+                std::future::pending::<QueryResult<()>>().await
+            }),
+        )
+        .await;
+        assert!(timed_out.is_err());
+    }
+    let mut conn = pool.get().await.unwrap();
+    assert_ne!(conn.id(), first_id, "the dirty connection was discarded");
+    assert_eq!(conn.transaction_depth(), 0);
+    assert_eq!(
+        rec.take(),
+        ["rollback"],
+        "its rollback hooks ran once, at discard"
+    );
+    assert_eq!(B::count(&mut conn, &tag).await, 0);
+    // A committed transaction through the pool object's own `transaction` runs its hooks,
+    // including `defer!` (the manager registers the level for this task).
+    let r = rec.clone();
+    conn.transaction(async |c: &mut Object<AsyncSignalConnection<B>>| {
+        B::exec(&mut **c, &insert(&tag, 2)).await?;
+        defer(r.hook("deferred"));
+        QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(rec.take(), ["deferred"]);
+    assert_eq!(B::count(&mut conn, &tag).await, 1);
+}
+
+macro_rules! scenarios {
+    ($($backend:ident: $ty:ty, aborts = $aborts:expr;)*) => {$(
+        mod $backend {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn commit_runs_commit_hooks() { super::commit_runs_commit_hooks::<$ty>().await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn error_rolls_back() { super::error_rolls_back::<$ty>().await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn savepoint_rollback_keeps_the_outer_level() {
+                super::savepoint_rollback_keeps_the_outer_level::<$ty>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn defer_follows_the_task() { super::defer_follows_the_task::<$ty>().await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn defer_never_crosses_tasks() { super::defer_never_crosses_tasks::<$ty>().await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn commit_async_hooks_are_awaited() {
+                super::commit_async_hooks_are_awaited::<$ty>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn before_commit_runs_inside() { super::before_commit_runs_inside::<$ty>().await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cancelled_inside_the_closure() {
+                super::cancelled_inside_the_closure::<$ty>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn panic_inside_the_closure() { super::panic_inside_the_closure::<$ty>().await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn swallowed_statement_error() {
+                super::swallowed_statement_error::<$ty>($aborts).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn test_transaction_runs_no_hooks() {
+                super::test_transaction_runs_no_hooks::<$ty>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn deadpool_never_hands_out_an_open_transaction() {
+                super::deadpool_never_hands_out_an_open_transaction::<$ty>().await
+            }
+            /// `#[tokio::test]`'s default runtime runs the body outside any task: `defer!`
+            /// falls back to the thread, and a spawned task on the same thread does not see it.
+            #[tokio::test]
+            async fn defer_in_a_current_thread_body() {
+                let mut c = <$ty as Backend>::connect().await;
+                let rec = Recorder::new();
+                let r = rec.clone();
+                c.transaction(async |_| {
+                    defer(r.hook("body"));
+                    let s = r.clone();
+                    tokio::spawn(async move { defer(s.hook("spawned")) }).await.unwrap();
+                    assert_eq!(r.get(), ["spawned"]);
+                    QueryResult::Ok(())
+                })
+                .await
+                .unwrap();
+                assert_eq!(rec.take(), ["spawned", "body"]);
+            }
+        }
+    )*};
+}
+
+scenarios! {
+    sqlite: Sqlite, aborts = false;
+    postgres: AsyncPgConnection, aborts = true;
+    mysql: AsyncMysqlConnection, aborts = false;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_savepoint_clears_an_aborted_transaction() {
+    savepoint_clears_an_aborted_transaction::<AsyncPgConnection>().await
+}
+
+/// SQLite's `INSERT OR ROLLBACK` ends the whole transaction on the server: the wrapper learns
+/// it at the next transaction operation; the commit returns `TransactionAborted`, the rollback
+/// hooks run and no commit hook does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_insert_or_rollback_ends_the_transaction() {
+    let mut c = Sqlite::connect().await;
+    let tag = unique_tag("or-rollback");
+    Sqlite::exec(
+        &mut c,
+        "CREATE TABLE IF NOT EXISTS async_unique (k INTEGER PRIMARY KEY)",
+    )
+    .await
+    .unwrap();
+    Sqlite::exec(&mut c, "INSERT OR IGNORE INTO async_unique VALUES (1)")
+        .await
+        .unwrap();
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let result = c
+        .transaction(async |c| {
+            Sqlite::exec(c, &insert(&tag, 1)).await?;
+            c.on_commit(r.hook("commit"));
+            c.on_rollback(r.hook("rollback"));
+            let _ = Sqlite::exec(c, "INSERT OR ROLLBACK INTO async_unique VALUES (1)").await;
+            QueryResult::Ok(())
+        })
+        .await;
+    assert!(
+        matches!(&result, Err(e) if TransactionAborted::is(e)),
+        "{result:?}"
+    );
+    assert_eq!(rec.take(), ["rollback"]);
+    assert_eq!(Sqlite::count(&mut c, &tag).await, 0);
+}
+
+/// The process-wide signals fire for async connections too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_fire_for_async_connections() {
+    use diesel_transaction_signals::signals::POST_COMMIT;
+    static SEEN: AtomicUsize = AtomicUsize::new(0);
+    let mut c = Sqlite::connect().await.with_alias("async-signals");
+    let id = c.id();
+    let receiver = POST_COMMIT.connect(move |event| {
+        if event.connection() == id {
+            assert_eq!(event.outcome(), Some(Outcome::Committed));
+            assert_eq!(event.alias(), Some("async-signals"));
+            SEEN.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    c.transaction(async |_| QueryResult::Ok(())).await.unwrap();
+    POST_COMMIT.disconnect(receiver);
+    assert_eq!(AtomicUsize::load(&SEEN, Ordering::SeqCst), 1);
+}
