@@ -117,6 +117,9 @@ pub mod pg;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+/// Pools of [`AsyncSignalConnection`]: the alias on every checkout.
+#[cfg(any(feature = "deadpool", feature = "bb8"))]
+pub use async_connection::pool as async_pool;
 #[cfg(feature = "async")]
 pub use async_connection::{
     AsyncFunc, AsyncSignalConnection, AsyncSignalTransactionManager, BoxFuture, Watched,

@@ -573,6 +573,67 @@ where
     assert_eq!(B::count(&mut conn, &tag).await, 1);
 }
 
+/// bb8 checks a connection when it is returned: one left with its transaction open (here, a
+/// transaction future dropped by a timeout) is dropped then, and its rollback hooks run at
+/// once; the alias of `async_pool::manager_config` is on every checkout.
+async fn bb8_never_hands_out_an_open_transaction<B>()
+where
+    B: Backend + diesel_async::pooled_connection::PoolableConnection + Send,
+    diesel::dsl::select<diesel::dsl::AsExprOf<i32, diesel::sql_types::Integer>>:
+        for<'a> diesel_async::methods::LoadQuery<'a, AsyncSignalConnection<B>, i32>,
+    diesel::query_builder::SqlQuery: diesel_async::methods::ExecuteDsl<AsyncSignalConnection<B>>,
+    <B as diesel_async::AsyncConnectionCore>::Backend: diesel::backend::DieselReserveSpecialization,
+{
+    use diesel_async::pooled_connection::bb8::Pool;
+    use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+    use diesel_transaction_signals::async_pool;
+    let url = B::url();
+    drop(B::connect_to(&url).await);
+    let manager = AsyncDieselConnectionManager::<AsyncSignalConnection<B>>::new_with_config(
+        url,
+        async_pool::manager_config("bb8-primary"),
+    );
+    let pool = Pool::builder().max_size(1).build(manager).await.unwrap();
+    let tag = unique_tag("bb8");
+    let rec = Recorder::new();
+    let first_id;
+    {
+        let mut conn = pool.get().await.unwrap();
+        assert_eq!(conn.alias(), Some("bb8-primary"));
+        conn.set_alias("renamed-by-a-user");
+        first_id = conn.id();
+        let r = rec.clone();
+        let t = tag.clone();
+        let timed_out = tokio::time::timeout(
+            Duration::from_millis(200),
+            (*conn).transaction(async |c| {
+                B::exec(c, &insert(&t, 1)).await?;
+                c.on_commit(r.hook("commit"));
+                c.on_rollback(r.hook("rollback"));
+                std::future::pending::<QueryResult<()>>().await
+            }),
+        )
+        .await;
+        assert!(timed_out.is_err());
+    }
+    assert_eq!(
+        rec.take(),
+        ["rollback"],
+        "dropped on return, hooks settled once"
+    );
+    let mut conn = pool.get().await.unwrap();
+    assert_ne!(conn.id(), first_id);
+    assert_eq!(conn.alias(), Some("bb8-primary"));
+    assert_eq!(B::count(&mut conn, &tag).await, 0);
+    // A clean connection is kept, and its alias is reset at the next checkout.
+    let id = conn.id();
+    conn.set_alias("renamed-again");
+    drop(conn);
+    let conn = pool.get().await.unwrap();
+    assert_eq!(conn.id(), id, "a clean connection is reused");
+    assert_eq!(conn.alias(), Some("bb8-primary"));
+}
+
 macro_rules! scenarios {
     ($($backend:ident: $ty:ty, aborts = $aborts:expr;)*) => {$(
         mod $backend {
@@ -612,6 +673,10 @@ macro_rules! scenarios {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn deadpool_never_hands_out_an_open_transaction() {
                 super::deadpool_never_hands_out_an_open_transaction::<$ty>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn bb8_never_hands_out_an_open_transaction() {
+                super::bb8_never_hands_out_an_open_transaction::<$ty>().await
             }
             /// `#[tokio::test]`'s default runtime runs the body outside any task: `defer!`
             /// falls back to the thread, and a spawned task on the same thread does not see it.
@@ -698,4 +763,115 @@ async fn signals_fire_for_async_connections() {
     c.transaction(async |_| QueryResult::Ok(())).await.unwrap();
     POST_COMMIT.disconnect(receiver);
     assert_eq!(AtomicUsize::load(&SEEN, Ordering::SeqCst), 1);
+}
+
+#[derive(QueryableByName)]
+struct Pid {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pid: i32,
+}
+
+/// PostgreSQL: the server ends the connection mid-transaction (`pg_terminate_backend`); the
+/// closure swallows the error. Nothing committed: the rollback hooks run, no commit hook, the
+/// commit returns an error and the connection reports itself broken to pools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connection_lost_mid_transaction() {
+    let mut c = AsyncPgConnection::connect().await;
+    let mut killer = AsyncPgConnection::connect().await;
+    let tag = unique_tag("lost");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let result = c
+        .transaction(async |c| {
+            AsyncPgConnection::exec(c, &insert(&tag, 1)).await?;
+            c.on_commit(r.hook("commit"));
+            c.on_rollback(r.hook("rollback"));
+            let pid = diesel::sql_query("SELECT pg_backend_pid() AS pid")
+                .get_result::<Pid>(c)
+                .await?
+                .pid;
+            diesel::sql_query(format!("SELECT pg_terminate_backend({pid})"))
+                .execute(&mut killer)
+                .await?;
+            let lost = AsyncPgConnection::exec(c, "SELECT 1").await;
+            assert!(lost.is_err(), "the server closed the connection");
+            QueryResult::Ok(())
+        })
+        .await;
+    assert!(result.is_err(), "{result:?}");
+    assert_eq!(rec.take(), ["rollback"]);
+    assert!(diesel_async::pooled_connection::PoolableConnection::is_broken(&mut c));
+    assert_eq!(AsyncPgConnection::count(&mut killer, &tag).await, 0);
+}
+
+/// MariaDB: the deadlock victim's transaction is rolled back by the server. The wrapper learns
+/// it from the error: the victim's later statements are refused, its commit returns
+/// `TransactionAborted`, its rollback hooks run; the other transaction commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_deadlock_victim_settles_rolled_back() {
+    let tag = unique_tag("deadlock");
+    let mut setup = AsyncMysqlConnection::connect().await;
+    AsyncMysqlConnection::exec(
+        &mut setup,
+        "CREATE TABLE IF NOT EXISTS async_locks (k VARCHAR(100) PRIMARY KEY, v INT NOT NULL) ENGINE=InnoDB",
+    )
+    .await
+    .unwrap();
+    for side in ["a", "b"] {
+        AsyncMysqlConnection::exec(
+            &mut setup,
+            &format!("INSERT INTO async_locks (k, v) VALUES ('{tag}-{side}', 0)"),
+        )
+        .await
+        .unwrap();
+    }
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let rec = Recorder::new();
+    let mut tasks = Vec::new();
+    for (mine, theirs) in [("a", "b"), ("b", "a")] {
+        let (barrier, r, tag) = (Arc::clone(&barrier), rec.clone(), tag.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = AsyncMysqlConnection::connect().await;
+            let mut victim = false;
+            let result = c
+                .transaction(async |c| {
+                    c.on_commit(r.hook(format!("{mine}-commit")));
+                    c.on_rollback(r.hook(format!("{mine}-rollback")));
+                    let lock =
+                        |k: &str| format!("UPDATE async_locks SET v = v + 1 WHERE k = '{tag}-{k}'");
+                    AsyncMysqlConnection::exec(c, &lock(mine)).await?;
+                    barrier.wait().await;
+                    if let Err(e) = AsyncMysqlConnection::exec(c, &lock(theirs)).await {
+                        assert!(e.to_string().starts_with("Deadlock found"), "{e}");
+                        victim = true;
+                        let refused = AsyncMysqlConnection::exec(c, "SELECT 1").await;
+                        assert!(
+                            matches!(&refused, Err(e) if TransactionAborted::is(e)),
+                            "{refused:?}"
+                        );
+                    }
+                    QueryResult::Ok(())
+                })
+                .await;
+            (mine, victim, result.map_err(|e| TransactionAborted::is(&e)))
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    let victims: Vec<_> = outcomes.iter().filter(|(_, v, _)| *v).collect();
+    assert_eq!(victims.len(), 1, "{outcomes:?}");
+    let (victim, _, result) = victims[0];
+    assert_eq!(
+        *result,
+        Err(true),
+        "the victim's commit returns TransactionAborted"
+    );
+    let winner = if *victim == "a" { "b" } else { "a" };
+    let mut seen = rec.take();
+    seen.sort();
+    let mut expected = vec![format!("{victim}-rollback"), format!("{winner}-commit")];
+    expected.sort();
+    assert_eq!(seen, expected);
 }

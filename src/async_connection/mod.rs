@@ -5,6 +5,8 @@
 
 mod driver;
 mod forward;
+#[cfg(any(feature = "deadpool", feature = "bb8"))]
+pub mod pool;
 mod watch;
 
 use std::fmt;
