@@ -10,7 +10,11 @@ use diesel::prelude::*;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use diesel_transaction_signals::SignalConnection;
 
+pub mod child;
 pub mod pg_server;
+pub mod wait;
+
+pub use wait::{try_wait_for, wait_for, wait_until};
 
 #[cfg(feature = "sqlite")]
 pub const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
