@@ -19,7 +19,7 @@
 //! (PostgreSQL) or only fails the statement (SQLite, MySQL), and how (if at all) a COMMIT can be
 //! made to fail with a deferred constraint.
 //!
-//! Programs panic with the payload [`ModelPanic`]; this binary's panic hook stays quiet for that
+//! Programs panic with the payload [`ModelPanic`]; the process's panic hook stays quiet for that
 //! payload only.
 
 #![cfg(all(feature = "sqlite", feature = "postgres", feature = "mysql"))]
@@ -288,16 +288,11 @@ impl Log {
     }
 }
 
-/// Makes this binary's panic hook quiet for [`ModelPanic`] payloads, and only for them.
+/// Makes the process's panic hook quiet for [`ModelPanic`] payloads, and only for them.
 pub fn quiet_model_panics() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !info.payload().is::<ModelPanic>() {
-                default(info)
-            }
-        }));
+        common::quiet_panics(|payload| payload.is::<ModelPanic>());
     });
 }
 

@@ -9,34 +9,12 @@
 
 mod common;
 
+use common::{failures, failures_of};
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
-use diesel_transaction_signals::{set_failure_handler, ConnectionId, FailureCause, HookFailure};
-
-/// Every hook failure of the process, recorded once by a single handler; tests filter by their
-/// connection, since tests run in parallel.
-fn failures() -> &'static Mutex<Vec<HookFailure>> {
-    static FAILURES: OnceLock<Arc<Mutex<Vec<HookFailure>>>> = OnceLock::new();
-    FAILURES.get_or_init(|| {
-        let all: Arc<Mutex<Vec<HookFailure>>> = Arc::default();
-        let sink = all.clone();
-        set_failure_handler(Some(Box::new(move |f: &HookFailure| {
-            sink.lock().unwrap().push(f.clone())
-        })));
-        all
-    })
-}
-
-fn failures_of(conn: ConnectionId) -> Vec<FailureCause> {
-    failures()
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|f| f.connection() == Some(conn))
-        .map(|f| f.cause().clone())
-        .collect()
-}
+use diesel_transaction_signals::FailureCause;
 
 macro_rules! semantic_suite {
     (

@@ -12,8 +12,10 @@ use diesel_transaction_signals::SignalConnection;
 
 pub mod child;
 pub mod pg_server;
+pub mod process;
 pub mod wait;
 
+pub use process::{failures, failures_of, quiet_panics};
 pub use wait::{try_wait_for, wait_for, wait_until};
 
 #[cfg(feature = "sqlite")]
