@@ -9,7 +9,7 @@
     feature = "postgres",
     feature = "mysql"
 ))]
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -461,13 +461,18 @@ fn nothing<C>(_: &mut C) {}
 outbox_suite!(
     sqlite,
     diesel::SqliteConnection,
-    crate::sqlite_db,
-    crate::busy_timeout
+    crate::outbox::sqlite_db,
+    crate::outbox::busy_timeout
 );
-outbox_suite!(postgres, diesel::PgConnection, crate::pg_db, crate::nothing);
+outbox_suite!(
+    postgres,
+    diesel::PgConnection,
+    crate::outbox::pg_db,
+    crate::outbox::nothing
+);
 outbox_suite!(
     mysql,
     diesel::MysqlConnection,
-    crate::mysql_db,
-    crate::nothing
+    crate::outbox::mysql_db,
+    crate::outbox::nothing
 );

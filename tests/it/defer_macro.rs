@@ -1,7 +1,7 @@
 //! The forms of `defer!`.
 
 #![cfg(feature = "sqlite")]
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;

@@ -7,7 +7,7 @@
     allow(unused)
 )]
 
-mod common;
+use crate::common;
 
 use common::{failures, failures_of};
 
@@ -820,7 +820,7 @@ semantic_suite!(
     diesel::SqliteConnection,
     crate::common::sqlite,
     swallowed_error_aborts: false,
-    commit_fails_with: crate::violate_sqlite_fk => DatabaseErrorKind::ForeignKeyViolation,
+    commit_fails_with: crate::semantics::violate_sqlite_fk => DatabaseErrorKind::ForeignKeyViolation,
 );
 
 #[cfg(feature = "postgres")]
@@ -829,11 +829,11 @@ semantic_suite!(
     diesel::PgConnection,
     crate::common::pg,
     swallowed_error_aborts: true,
-    commit_fails_with: crate::violate_pg_deferred_unique => DatabaseErrorKind::UniqueViolation,
+    commit_fails_with: crate::semantics::violate_pg_deferred_unique => DatabaseErrorKind::UniqueViolation,
 );
 
 // MySQL has no deferred constraints: nothing makes its COMMIT fail but a lost connection
-// (tests/mysql.rs). A failed statement does not abort the transaction.
+// (tests/it/mysql.rs). A failed statement does not abort the transaction.
 #[cfg(feature = "mysql")]
 semantic_suite!(
     mysql,

@@ -4,7 +4,7 @@
 //! row. The process's panic hook stays quiet for the thousands of panics (and only for them).
 
 #![cfg(all(feature = "postgres", feature = "r2d2"))]
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -11,7 +11,7 @@
 //! overall deadline, never by a fixed sleep.
 
 #![cfg(all(feature = "postgres", feature = "r2d2"))]
-mod common;
+use crate::common;
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
