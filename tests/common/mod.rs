@@ -1,6 +1,11 @@
 //! Shared test support: real databases (SQLite in memory or in a temp file, the PostgreSQL
 //! server `scripts/test` starts), the test schema, and a logger that captures what the crate
-//! logs.
+//! logs; in submodules, a private PostgreSQL server per test ([`pg_server`]), polling against a
+//! deadline ([`wait`]), child processes of a test binary ([`child`]) and the process-wide
+//! hook-failure handler and panic hook the tests of one binary share ([`process`]).
+//!
+//! Used by `tests/it` (the ordinary tests, one binary) and the binaries that need a process of
+//! their own, each with `mod common;` (or `#[path = "../common/mod.rs"] mod common;`).
 #![allow(dead_code, unused_imports)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
