@@ -85,26 +85,12 @@ fn insert_from_another_process(server: &PgServer, queue: &str, payload: i64) {
     );
 }
 
-/// Polls `probe` until it gives a value; fails at `deadline`.
-fn poll<T>(deadline: Instant, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let mut pause = Duration::from_millis(1);
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        // A poll's backoff, not a synchronisation: the condition is checked again.
-        std::thread::park_timeout(pause);
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
-}
-
 /// Waits until the relay's listener (`application_name = listen_app`) has run `LISTEN` over
 /// TLS, and then until the pool's only connection (`pool_app`) is idle after a claim that
 /// started after that LISTEN: the claim the listener's "LISTEN is in place" wake-up causes
 /// is over, and the worker waits its 60 s poll interval.
 fn wait_listening_and_idle(server: &PgServer, listen_app: &str, pool_app: &str) {
-    poll(Instant::now() + PATIENCE, "a LISTEN over TLS", || {
+    common::wait_for(PATIENCE, "a LISTEN over TLS", || {
         let ssl = server.psql(
             "postgres",
             &format!(
@@ -119,22 +105,18 @@ fn wait_listening_and_idle(server: &PgServer, listen_app: &str, pool_app: &str) 
             other => panic!("the listener's connection is not TLS: ssl = {other:?}"),
         }
     });
-    poll(
-        Instant::now() + PATIENCE,
-        "the worker idle after LISTEN",
-        || {
-            let n = server.psql(
-                "postgres",
-                &format!(
-                    "SELECT count(*) FROM pg_stat_activity p, pg_stat_activity l \
+    common::wait_until(PATIENCE, "the worker idle after LISTEN", || {
+        let n = server.psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity p, pg_stat_activity l \
                  WHERE p.application_name = '{pool_app}' AND p.state = 'idle' \
                  AND l.application_name = '{listen_app}' AND l.query = 'LISTEN dts_outbox' \
                  AND p.query_start > l.state_change"
-                ),
-            );
-            (n == "1").then_some(())
-        },
-    );
+            ),
+        );
+        n == "1"
+    });
 }
 
 fn lines(relay: &str, level: log::Level, needle: &str) -> Vec<String> {
@@ -193,8 +175,8 @@ fn a_listener_refused_by_the_server_is_reported_once_and_the_relay_polls() {
         .unwrap();
     let name = relay.name().to_owned();
     // Attempts 1-4: 100 + 200 + 400 ms of backoff between them.
-    poll(Instant::now() + PATIENCE, "four failed attempts", || {
-        (lines(&name, log::Level::Debug, "listener attempt 4 failed").len() == 1).then_some(())
+    common::wait_until(PATIENCE, "four failed attempts", || {
+        lines(&name, log::Level::Debug, "listener attempt 4 failed").len() == 1
     });
     insert_from_another_process(&server, queue, 8);
     assert_eq!(rx.recv_timeout(PATIENCE), Ok(8), "delivered by polling");
@@ -232,12 +214,12 @@ fn a_listener_that_loses_its_server_says_so_once_and_reconnects() {
     wait_listening_and_idle(&server, "dts-reconnect-listen", "dts-reconnect-pool");
 
     server.stop("fast");
-    poll(Instant::now() + PATIENCE, "failed reconnections", || {
-        (lines(&name, log::Level::Debug, "listener attempt 2 failed").len() == 1).then_some(())
+    common::wait_until(PATIENCE, "failed reconnections", || {
+        lines(&name, log::Level::Debug, "listener attempt 2 failed").len() == 1
     });
     server.start();
-    poll(Instant::now() + PATIENCE, "the reconnection", || {
-        (!lines(&name, log::Level::Info, "listener reconnected").is_empty()).then_some(())
+    common::wait_until(PATIENCE, "the reconnection", || {
+        !lines(&name, log::Level::Info, "listener reconnected").is_empty()
     });
     wait_listening_and_idle(&server, "dts-reconnect-listen", "dts-reconnect-pool");
     insert_from_another_process(&server, queue, 9);

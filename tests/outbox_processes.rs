@@ -22,14 +22,14 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::child::{say, Children, Kid};
 use common::items;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
@@ -39,12 +39,8 @@ use diesel_transaction_signals::outbox::{Backoff, Job, OutboxError, Relay};
 /// Long enough never to matter on a healthy machine; a wait that reaches it is a failure.
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// The child test's name and the variable that gives a child its role.
-const CHILD_TEST: &str = "child_process";
-const ROLE: &str = "DTS_OUTBOX_CHILD";
-/// Marks the lines of stdout that are messages to the parent (libtest prints its own lines,
-/// and may print `test child_process ... ` just before the first message on the same line).
-const MARK: &str = "@@dts@@ ";
+/// The children: this binary's `child_process` test, their role in `DTS_OUTBOX_CHILD`.
+const CHILDREN: Children = Children::new("child_process", "DTS_OUTBOX_CHILD");
 
 fn queue_name(tag: &str) -> String {
     tag.replace('-', "_")
@@ -58,7 +54,7 @@ fn queue_name(tag: &str) -> String {
 #[test]
 #[ignore = "helper: the tests of this file run it in child processes"]
 fn child_process() {
-    let Ok(role) = std::env::var(ROLE) else {
+    let Some(role) = CHILDREN.role() else {
         return;
     };
     match role.as_str() {
@@ -68,20 +64,15 @@ fn child_process() {
     }
 }
 
-fn say(message: impl std::fmt::Display) {
-    // stdout is line-buffered: each message reaches the parent when it is printed.
-    println!("{MARK}{message}");
-}
-
 fn var(name: &str) -> String {
-    std::env::var(format!("{ROLE}_{name}")).unwrap_or_else(|_| panic!("{ROLE}_{name} not set"))
+    CHILDREN.var(name)
 }
 
 fn var_num<T: std::str::FromStr>(name: &str) -> T
 where
     T::Err: std::fmt::Debug,
 {
-    var(name).parse().unwrap()
+    CHILDREN.var_num(name)
 }
 
 #[derive(QueryableByName)]
@@ -221,21 +212,20 @@ fn child_relay() {
                 }
                 return Err("the parent never killed this relay".into());
             };
-            let mut pause = Duration::from_millis(1);
-            loop {
-                let row: Option<Attempts> =
+            let claimed_again = common::try_wait_for(deadline, || {
+                let row: QueryResult<Option<Attempts>> =
                     diesel::sql_query("SELECT attempts FROM dts_outbox WHERE id = $1")
                         .bind::<BigInt, _>(job.id().get())
                         .get_result(&mut *watcher.lock().unwrap())
-                        .optional()?;
-                if row.is_none_or(|r| r.attempts >= 2) {
-                    break;
+                        .optional();
+                match row {
+                    Ok(row) => row.is_none_or(|r| r.attempts >= 2).then_some(Ok(())),
+                    Err(e) => Some(Err(e)),
                 }
-                if Instant::now() >= deadline {
-                    return Err("nobody claimed the job again".into());
-                }
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(50));
+            });
+            match claimed_again {
+                Some(r) => r?,
+                None => return Err("nobody claimed the job again".into()),
             }
         }
         Ok(())
@@ -248,9 +238,9 @@ fn child_relay() {
         .lease(Duration::from_millis(var_num("LEASE_MS")))
         .poll_interval(Duration::from_millis(var_num("POLL_MS")));
     #[cfg(feature = "outbox-listen")]
-    let builder = match std::env::var(format!("{ROLE}_LISTEN")) {
-        Ok(listen_url) => builder.listen(listen_url),
-        Err(_) => builder,
+    let builder = match CHILDREN.try_var("LISTEN") {
+        Some(listen_url) => builder.listen(listen_url),
+        None => builder,
     };
     let relay = builder.spawn().unwrap();
     say("started");
@@ -276,130 +266,6 @@ fn child_relay() {
 // ---------------------------------------------------------------------------------------------
 // The parent's side
 // ---------------------------------------------------------------------------------------------
-
-/// A child process of this test binary; killed on drop if still running.
-struct Kid {
-    name: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    messages: Receiver<String>,
-}
-
-impl Kid {
-    fn spawn(name: &str, role: &str, env: &[(&str, String)]) -> Kid {
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args([
-            "--exact",
-            CHILD_TEST,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(ROLE, role)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(format!("{ROLE}_{k}"), v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, messages) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(at) = line.find(MARK) {
-                    if tx.send(line[at + MARK.len()..].to_owned()).is_err() {
-                        break;
-                    }
-                }
-            }
-            // Dropping `tx` tells the parent the child's stdout closed: it exited.
-        });
-        Kid {
-            name: name.to_owned(),
-            stdin: child.stdin.take(),
-            child,
-            messages,
-        }
-    }
-
-    /// The next message, failing at `deadline` or if the child exits first.
-    fn recv(&mut self, deadline: Instant) -> String {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match self.messages.recv_timeout(left) {
-            Ok(m) => m,
-            Err(RecvTimeoutError::Timeout) => panic!("{}: no message by the deadline", self.name),
-            Err(RecvTimeoutError::Disconnected) => {
-                panic!("{}: exited early: {:?}", self.name, self.child.wait())
-            }
-        }
-    }
-
-    /// The next message, which must start with `prefix`; returns the rest.
-    fn expect(&mut self, prefix: &str, deadline: Instant) -> String {
-        let m = self.recv(deadline);
-        match m.strip_prefix(prefix) {
-            Some(rest) => rest.trim().to_owned(),
-            None => panic!("{}: expected {prefix:?}, got {m:?}", self.name),
-        }
-    }
-
-    /// The next message starting with `prefix`, skipping others; returns the rest.
-    fn until(&mut self, prefix: &str, deadline: Instant) -> String {
-        loop {
-            let m = self.recv(deadline);
-            if let Some(rest) = m.strip_prefix(prefix) {
-                return rest.trim().to_owned();
-            }
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").unwrap();
-        stdin.flush().unwrap();
-    }
-
-    /// Panics if the child has exited (for polling loops that wait on the database).
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("{}: exited early: {status}", self.name);
-        }
-    }
-
-    /// Closes stdin (a relay child shuts down), collects its last messages until its stdout
-    /// closes, and checks it exited successfully.
-    fn finish(&mut self, deadline: Instant) -> Vec<String> {
-        self.stdin = None;
-        let mut rest = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.messages.recv_timeout(left) {
-                Ok(m) => rest.push(m),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => panic!("{}: did not exit in time", self.name),
-            }
-        }
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "{}: {status}", self.name);
-        rest
-    }
-
-    fn kill(&mut self) -> ExitStatus {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// A relay child's configuration.
 struct RelaySpec<'a> {
@@ -430,7 +296,7 @@ impl RelaySpec<'_> {
         if let Some(app) = &self.listen_as {
             env.push(("LISTEN", url_with_application_name(app)));
         }
-        Kid::spawn(self.name, "relay", &env)
+        CHILDREN.spawn(self.name, "relay", &env)
     }
 }
 
@@ -484,19 +350,6 @@ fn read_records(path: &Path) -> Vec<Record> {
         .collect()
 }
 
-/// Polls `probe` with a short backoff until it gives a value; fails at `deadline`.
-fn poll<T>(deadline: Instant, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let mut pause = Duration::from_millis(1);
-    loop {
-        if let Some(t) = probe() {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
-}
-
 #[derive(QueryableByName)]
 struct Count {
     #[diesel(sql_type = BigInt)]
@@ -521,11 +374,11 @@ fn queue_len(conn: &mut PgConnection, queue: &str) -> i64 {
 
 /// Waits until no row of `queue` is left, failing early if a relay child died.
 fn wait_drained(conn: &mut PgConnection, queue: &str, kids: &mut [Kid], deadline: Instant) {
-    poll(deadline, "the queue to drain", || {
+    common::wait_until(deadline, "the queue to drain", || {
         for k in kids.iter_mut() {
             k.assert_running();
         }
-        (queue_len(conn, queue) == 0).then_some(())
+        queue_len(conn, queue) == 0
     });
 }
 
@@ -579,7 +432,7 @@ fn jobs_committed_by_a_killed_process_are_delivered_once_by_another_process() {
 
     // The writer commits item + job pairs (and rolls back every third) with no relay at all:
     // after COMMIT only the in-process wake-up runs, which has nobody to wake.
-    let mut writer = Kid::spawn(
+    let mut writer = CHILDREN.spawn(
         "writer",
         "writer",
         &[("TAG", tag.clone()), ("QUEUE", queue.clone())],
@@ -605,13 +458,13 @@ fn jobs_committed_by_a_killed_process_are_delivered_once_by_another_process() {
 
     // Once the server has ended the writer's session, whatever was in flight is settled
     // (rolled back, or committed if COMMIT had reached the server).
-    poll(deadline, "the writer's session to end", || {
+    common::wait_until(deadline, "the writer's session to end", || {
         let alive = diesel::sql_query("SELECT count(*) AS n FROM pg_stat_activity WHERE pid = $1")
             .bind::<Integer, _>(backend)
             .get_result::<Count>(&mut db)
             .unwrap()
             .n;
-        (alive == 0).then_some(())
+        alive == 0
     });
 
     let committed: BTreeSet<i32> = items::table
@@ -763,7 +616,7 @@ fn four_relay_processes_deliver_20000_jobs_once_each() {
     wait_drained(&mut db, &queue, &mut kids, deadline);
     let drained = go.elapsed();
     for k in &mut kids {
-        k.stdin = None; // all shut down at once
+        k.close_stdin(); // all shut down at once
     }
     let stats: Vec<ChildStats> = kids
         .iter_mut()
@@ -891,10 +744,10 @@ fn a_handler_outliving_its_lease_duplicates_its_batch_and_the_duplicates_are_exp
     wait_drained(&mut db, &queue, &mut kids, deadline);
     // B may have delivered and deleted everything while A is still working through the rest
     // of its stale batch: stopping A now would make it release (skip) those. Let it finish.
-    poll(deadline, "A to finish its batch", || {
+    common::wait_until(deadline, "A to finish its batch", || {
         kids[0].assert_running();
         let text = std::fs::read_to_string(&out_a).unwrap_or_default();
-        (text.matches('\n').count() == 4).then_some(())
+        text.matches('\n').count() == 4
     });
     let [mut a, mut b] = kids;
     let (stats_a, stats_b) = (
@@ -1077,14 +930,14 @@ fn listen_wakes_a_relay_process_that_polls_once_an_hour() {
     relay.send("go");
     relay.expect("started", deadline);
     let mut db = common::pg_plain();
-    poll(deadline, "the relay's LISTEN", || {
+    common::wait_until(deadline, "the relay's LISTEN", || {
         let n = count(
             &mut db,
             "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = $1 \
              AND query = 'LISTEN dts_outbox'",
             &app,
         );
-        (n == 1).then_some(())
+        n == 1
     });
     // The relay's worker now waits up to an hour; only the NOTIFY of this COMMIT (or the
     // wake-up its listener rings once LISTEN is in place) can make it claim.
@@ -1094,9 +947,7 @@ fn listen_wakes_a_relay_process_that_polls_once_an_hour() {
         .transaction(|c| c.defer_durable(&queue, &7i64))
         .unwrap()
         .expect("a new job");
-    poll(deadline, "the delivery", || {
-        (queue_len(&mut db, &queue) == 0).then_some(())
-    });
+    common::wait_until(deadline, "the delivery", || queue_len(&mut db, &queue) == 0);
     let latency = committed.elapsed();
     let records = read_records(&out);
     assert_eq!(
@@ -1137,14 +988,14 @@ fn shutdown_with_listen_is_prompt_whatever_the_poll_interval() {
         .spawn()
         .unwrap();
     let mut db = common::pg_plain();
-    poll(Instant::now() + PATIENCE, "the relay's LISTEN", || {
+    common::wait_until(PATIENCE, "the relay's LISTEN", || {
         let n = count(
             &mut db,
             "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = $1 \
              AND query = 'LISTEN dts_outbox'",
             &app,
         );
-        (n == 1).then_some(())
+        n == 1
     });
     let stopping = Instant::now();
     relay.shutdown();

@@ -1,6 +1,11 @@
 //! Shared test support: real databases (SQLite in memory or in a temp file, the PostgreSQL
 //! server `scripts/test` starts), the test schema, and a logger that captures what the crate
-//! logs.
+//! logs; in submodules, a private PostgreSQL server per test ([`pg_server`]), polling against a
+//! deadline ([`wait`]), child processes of a test binary ([`child`]) and the process-wide
+//! hook-failure handler and panic hook the tests of one binary share ([`process`]).
+//!
+//! Used by `tests/it` (the ordinary tests, one binary) and the binaries that need a process of
+//! their own, each with `mod common;` (or `#[path = "../common/mod.rs"] mod common;`).
 #![allow(dead_code, unused_imports)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +15,13 @@ use diesel::prelude::*;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use diesel_transaction_signals::SignalConnection;
 
+pub mod child;
 pub mod pg_server;
+pub mod process;
+pub mod wait;
+
+pub use process::{failures, failures_of, quiet_panics};
+pub use wait::{try_wait_for, wait_for, wait_until};
 
 #[cfg(feature = "sqlite")]
 pub const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");

@@ -9,7 +9,7 @@
     feature = "postgres",
     feature = "mysql"
 ))]
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -237,26 +237,18 @@ macro_rules! outbox_suite {
                     (0..3).map(|_| rx.recv_timeout(PATIENCE).unwrap()).collect();
                 assert_eq!(attempts, [1, 2, 3]);
                 // The third failure dead-letters it; wait for the row to say so.
-                let deadline = std::time::Instant::now() + PATIENCE;
-                loop {
+                let r = common::wait_for(PATIENCE, "the row to be dead-lettered", || {
                     let r = rows(&db, &q);
-                    if r.first().is_some_and(|r| r.state == 2) {
-                        assert_eq!(
-                            r,
-                            [Row {
-                                state: 2,
-                                attempts: 3,
-                                last_error: Some("still failing".into())
-                            }]
-                        );
-                        break;
-                    }
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "never dead-lettered: {r:?}"
-                    );
-                    std::thread::yield_now();
-                }
+                    r.first().is_some_and(|r| r.state == 2).then_some(r)
+                });
+                assert_eq!(
+                    r,
+                    [Row {
+                        state: 2,
+                        attempts: 3,
+                        last_error: Some("still failing".into())
+                    }]
+                );
                 let stats = relay.shutdown();
                 assert_eq!((stats.retried, stats.dead, stats.delivered), (2, 1, 0));
                 assert!(rx.try_recv().is_err(), "a dead job is not retried");
@@ -280,14 +272,11 @@ macro_rules! outbox_suite {
                 // this relay's own report of this queue (quoted, as the log line prints it).
                 let me = format!("outbox relay {}:", relay.name());
                 let quoted = format!("{orphan:?}");
-                let deadline = std::time::Instant::now() + PATIENCE;
-                while logs
-                    .matching(log::Level::Warn, &[&me, "has no handler", &quoted])
-                    .is_empty()
-                {
-                    assert!(std::time::Instant::now() < deadline, "never reported");
-                    std::thread::yield_now();
-                }
+                common::wait_until(PATIENCE, "the relay's report of the orphan queue", || {
+                    !logs
+                        .matching(log::Level::Warn, &[&me, "has no handler", &quoted])
+                        .is_empty()
+                });
                 assert!(relay.stats().unknown_queue_rows >= 1);
                 relay.shutdown();
                 assert_eq!(rows(&db, &orphan).len(), 1, "the row is kept");
@@ -391,14 +380,9 @@ macro_rules! outbox_suite {
                 // Wait until attempt 1's failure has been dealt with (logged either way).
                 let line = format!("job {id} ({q}) failed attempt 1");
                 let me = format!("outbox relay {}:", relay.name());
-                let deadline = std::time::Instant::now() + PATIENCE;
-                while logs.matching(log::Level::Warn, &[&me, &line]).is_empty() {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "attempt 1 never recorded"
-                    );
-                    std::thread::yield_now();
-                }
+                common::wait_until(PATIENCE, "attempt 1's failure to be logged", || {
+                    !logs.matching(log::Level::Warn, &[&me, &line]).is_empty()
+                });
                 // Attempt 2's lease holds for `lease`; nothing may run the job meanwhile.
                 let third = started.recv_timeout(window);
                 assert!(
@@ -406,14 +390,9 @@ macro_rules! outbox_suite {
                     "attempt {third:?} started while attempt 2 still held its lease"
                 );
                 gate2.send(()).unwrap();
-                let deadline = std::time::Instant::now() + PATIENCE;
-                while !rows(&db, &q).is_empty() {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "attempt 2 never completed"
-                    );
-                    std::thread::yield_now();
-                }
+                common::wait_until(PATIENCE, "attempt 2 to complete", || {
+                    rows(&db, &q).is_empty()
+                });
                 let stats = relay.shutdown();
                 assert_eq!((stats.delivered, stats.retried, stats.dead), (1, 0, 0));
                 assert!(started.try_recv().is_err(), "no attempt after the delivery");
@@ -482,13 +461,18 @@ fn nothing<C>(_: &mut C) {}
 outbox_suite!(
     sqlite,
     diesel::SqliteConnection,
-    crate::sqlite_db,
-    crate::busy_timeout
+    crate::outbox::sqlite_db,
+    crate::outbox::busy_timeout
 );
-outbox_suite!(postgres, diesel::PgConnection, crate::pg_db, crate::nothing);
+outbox_suite!(
+    postgres,
+    diesel::PgConnection,
+    crate::outbox::pg_db,
+    crate::outbox::nothing
+);
 outbox_suite!(
     mysql,
     diesel::MysqlConnection,
-    crate::mysql_db,
-    crate::nothing
+    crate::outbox::mysql_db,
+    crate::outbox::nothing
 );

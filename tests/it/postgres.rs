@@ -2,7 +2,7 @@
 //! with an isolation level.
 
 #![cfg(all(feature = "postgres", feature = "r2d2"))]
-mod common;
+use crate::common;
 
 use common::{items, Recorder};
 use diesel::prelude::*;

@@ -1,6 +1,6 @@
 //! Model-based property test: random programs of nested transactions run against a real
 //! database and against a small reference model of the semantics (README "When hooks run",
-//! `tests/semantics.rs`); the two must agree on
+//! `tests/it/semantics.rs`); the two must agree on
 //!
 //! - the event log: every hook that ran, in order, interleaved with the result of every nested
 //!   `transaction` call (right after it returned) and of every swallowed statement error, so the
@@ -19,11 +19,11 @@
 //! (PostgreSQL) or only fails the statement (SQLite, MySQL), and how (if at all) a COMMIT can be
 //! made to fail with a deferred constraint.
 //!
-//! Programs panic with the payload [`ModelPanic`]; this binary's panic hook stays quiet for that
+//! Programs panic with the payload [`ModelPanic`]; the process's panic hook stays quiet for that
 //! payload only.
 
 #![cfg(all(feature = "sqlite", feature = "postgres", feature = "mysql"))]
-mod common;
+use crate::common;
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Once};
@@ -212,7 +212,7 @@ pub fn classify<T>(r: std::thread::Result<QueryResult<T>>) -> Class {
 }
 
 /// `cases` cases (`PROPTEST_CASES` overrides it, for a longer soak run); shrunk failures are
-/// saved next to this file, in `tests/model.proptest-regressions`.
+/// saved next to this file, in `tests/it/model.proptest-regressions`.
 pub fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
         cases: std::env::var("PROPTEST_CASES")
@@ -288,16 +288,11 @@ impl Log {
     }
 }
 
-/// Makes this binary's panic hook quiet for [`ModelPanic`] payloads, and only for them.
+/// Makes the process's panic hook quiet for [`ModelPanic`] payloads, and only for them.
 pub fn quiet_model_panics() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !info.payload().is::<ModelPanic>() {
-                default(info)
-            }
-        }));
+        common::quiet_panics(|payload| payload.is::<ModelPanic>());
     });
 }
 
@@ -759,7 +754,7 @@ model_suite!(
     sqlite,
     diesel::SqliteConnection,
     connect = common::sqlite,
-    deferred_violation = Some((crate::violate_sqlite_fk, Class::ForeignKeyViolation)),
+    deferred_violation = Some((crate::model::violate_sqlite_fk, Class::ForeignKeyViolation)),
     swallowed_error_aborts = false,
     cases = 256,
 );
@@ -768,7 +763,10 @@ model_suite!(
     postgres,
     diesel::PgConnection,
     connect = common::pg,
-    deferred_violation = Some((crate::violate_pg_deferred_unique, Class::UniqueViolation)),
+    deferred_violation = Some((
+        crate::model::violate_pg_deferred_unique,
+        Class::UniqueViolation
+    )),
     swallowed_error_aborts = true,
     cases = 64,
 );

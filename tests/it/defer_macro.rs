@@ -1,14 +1,14 @@
 //! The forms of `defer!`.
 
 #![cfg(feature = "sqlite")]
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use common::Recorder;
 use diesel::prelude::*;
-use diesel_transaction_signals::{defer, set_failure_handler, FailureCause, HookFailure};
+use diesel_transaction_signals::{defer, FailureCause};
 
 static SENT: Mutex<Vec<(i32, String)>> = Mutex::new(Vec::new());
 static SUBJECT_CALLS: AtomicUsize = AtomicUsize::new(0);
@@ -101,21 +101,18 @@ fn a_deferred_call_returning_err_is_reported_not_lost() {
             Ok(())
         }
     }
-    let seen: std::sync::Arc<Mutex<Vec<FailureCause>>> = Default::default();
-    let sink = seen.clone();
-    set_failure_handler(Some(Box::new(move |f: &HookFailure| {
-        sink.lock().unwrap().push(f.cause().clone())
-    })));
+    // The failure handler is process-wide: read this connection's failures from the shared one.
+    let _ = common::failures();
     let mut conn = common::sqlite();
+    let id = conn.id();
     conn.transaction(|_| {
         defer!(flaky(0));
         defer!(flaky(3));
         QueryResult::Ok(())
     })
     .unwrap();
-    set_failure_handler(None);
     assert_eq!(
-        *seen.lock().unwrap(),
+        common::failures_of(id),
         [FailureCause::Returned("attempt 3 failed".into())]
     );
 }

@@ -2,7 +2,7 @@
 //! deferred foreign key that fails at COMMIT seen from a second connection.
 
 #![cfg(feature = "sqlite")]
-mod common;
+use crate::common;
 
 use common::{items, Recorder, SqliteFile};
 use diesel::prelude::*;

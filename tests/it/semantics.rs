@@ -7,36 +7,14 @@
     allow(unused)
 )]
 
-mod common;
+use crate::common;
+
+use common::{failures, failures_of};
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
-use diesel_transaction_signals::{set_failure_handler, ConnectionId, FailureCause, HookFailure};
-
-/// Every hook failure of the process, recorded once by a single handler; tests filter by their
-/// connection, since tests run in parallel.
-fn failures() -> &'static Mutex<Vec<HookFailure>> {
-    static FAILURES: OnceLock<Arc<Mutex<Vec<HookFailure>>>> = OnceLock::new();
-    FAILURES.get_or_init(|| {
-        let all: Arc<Mutex<Vec<HookFailure>>> = Arc::default();
-        let sink = all.clone();
-        set_failure_handler(Some(Box::new(move |f: &HookFailure| {
-            sink.lock().unwrap().push(f.clone())
-        })));
-        all
-    })
-}
-
-fn failures_of(conn: ConnectionId) -> Vec<FailureCause> {
-    failures()
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|f| f.connection() == Some(conn))
-        .map(|f| f.cause().clone())
-        .collect()
-}
+use diesel_transaction_signals::FailureCause;
 
 macro_rules! semantic_suite {
     (
@@ -842,7 +820,7 @@ semantic_suite!(
     diesel::SqliteConnection,
     crate::common::sqlite,
     swallowed_error_aborts: false,
-    commit_fails_with: crate::violate_sqlite_fk => DatabaseErrorKind::ForeignKeyViolation,
+    commit_fails_with: crate::semantics::violate_sqlite_fk => DatabaseErrorKind::ForeignKeyViolation,
 );
 
 #[cfg(feature = "postgres")]
@@ -851,11 +829,11 @@ semantic_suite!(
     diesel::PgConnection,
     crate::common::pg,
     swallowed_error_aborts: true,
-    commit_fails_with: crate::violate_pg_deferred_unique => DatabaseErrorKind::UniqueViolation,
+    commit_fails_with: crate::semantics::violate_pg_deferred_unique => DatabaseErrorKind::UniqueViolation,
 );
 
 // MySQL has no deferred constraints: nothing makes its COMMIT fail but a lost connection
-// (tests/mysql.rs). A failed statement does not abort the transaction.
+// (tests/it/mysql.rs). A failed statement does not abort the transaction.
 #[cfg(feature = "mysql")]
 semantic_suite!(
     mysql,

@@ -1,7 +1,7 @@
 //! MySQL / MariaDB specifics: implicit commits before DDL, lost connections, deadlocks.
 
 #![cfg(feature = "mysql")]
-mod common;
+use crate::common;
 
 use common::{items, Recorder};
 use diesel::prelude::*;

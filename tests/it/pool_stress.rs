@@ -1,10 +1,10 @@
 //! 8 threads x 1,000 transactions through one pool on PostgreSQL: random commits, savepoint
 //! rollbacks, outer rollbacks and panics. The set of ids whose commit hook ran must equal the
 //! set of rows, every hook must run exactly once, and no rollback hook may run for a committed
-//! row. (Its own test binary: it installs a quiet panic hook for the thousands of panics.)
+//! row. The process's panic hook stays quiet for the thousands of panics (and only for them).
 
 #![cfg(all(feature = "postgres", feature = "r2d2"))]
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -38,12 +38,7 @@ fn xorshift(state: &mut u64) -> u64 {
 
 #[test]
 fn concurrent_transactions_commit_hooks_match_committed_rows_exactly() {
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if info.payload().downcast_ref::<&str>() != Some(&"stress panic") {
-            default_hook(info);
-        }
-    }));
+    common::quiet_panics(|payload| payload.downcast_ref::<&str>() == Some(&"stress panic"));
     let _ = common::pg();
     let tag = common::unique_tag("stress");
     let pool = Pool::builder()

@@ -1,7 +1,7 @@
 //! r2d2 pools: a pooled connection never carries hooks into its next use.
 
 #![cfg(all(feature = "postgres", feature = "r2d2"))]
-mod common;
+use crate::common;
 
 use common::Recorder;
 use diesel::connection::{Connection, TransactionManager};

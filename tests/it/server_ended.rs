@@ -3,7 +3,7 @@
 //! closure. Never `Ok` for lost work, never a statement outside the transaction the caller
 //! believes open, and the wrapper's depth agrees with Diesel's before the next operation.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 

@@ -11,7 +11,7 @@
 //! overall deadline, never by a fixed sleep.
 
 #![cfg(all(feature = "postgres", feature = "r2d2"))]
-mod common;
+use crate::common;
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -172,26 +172,6 @@ fn activity(admin: &mut PgConnection, pid: i32) -> Option<Activity> {
         .unwrap()
 }
 
-/// Polls `probe` until it returns `Some`, with a short backoff (1 ms doubling to 50 ms) and an
-/// overall `deadline`; panics naming `what` when the deadline passes.
-#[track_caller]
-fn poll_until<T>(what: &str, deadline: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    let mut pause = Duration::from_millis(1);
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        thread::yield_now();
-        thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
-}
-
 /// Terminates backend `pid` and waits (up to 10 s, server side) until it has exited.
 fn terminate_pid(admin: &mut PgConnection, pid: i32) {
     #[derive(QueryableByName)]
@@ -221,7 +201,7 @@ fn kill_when_running(
 ) -> thread::JoinHandle<Activity> {
     thread::spawn(move || {
         let mut admin = common::pg_plain();
-        let seen = poll_until(what, Duration::from_secs(20), || {
+        let seen = common::wait_for(Duration::from_secs(20), what, || {
             activity(&mut admin, pid).filter(|a| a.state() == "active" && running(a.query()))
         });
         terminate_pid(&mut admin, pid);
@@ -665,10 +645,10 @@ fn idle_until_killed(statement_first: bool) -> (Conn, QueryResult<()>, Probe, St
         insert(c, &tag, 1)?;
         probe.install(c);
         // This wait is the phenomenon: the server ends the idle session on its own.
-        poll_until(
-            "the idle-in-transaction timeout to end the session",
+        common::wait_until(
             Duration::from_secs(10),
-            || activity(&mut admin, pid).is_none().then_some(()),
+            "the idle-in-transaction timeout to end the session",
+            || activity(&mut admin, pid).is_none(),
         );
         if statement_first {
             let lost = insert(c, &tag, 2);
@@ -885,9 +865,9 @@ fn private_server_stopped_and_restarted_under_a_pool() {
                 });
                 to_ctl.send("settled").unwrap();
                 // Recovery: the same pool, once the server is back.
-                drop(poll_until(
-                    "pool.get() to succeed after the restart",
+                drop(common::wait_for(
                     Duration::from_secs(60),
+                    "pool.get() to succeed after the restart",
                     || pool.get().ok(),
                 ));
                 for _ in 0..5 {

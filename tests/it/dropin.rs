@@ -18,7 +18,7 @@
 //! second connections land in it too), dropped afterwards.
 #![cfg(all(feature = "sqlite", feature = "postgres", feature = "r2d2"))]
 
-mod common;
+use crate::common;
 
 use std::fmt::Debug;
 use std::num::NonZeroU32;

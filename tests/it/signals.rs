@@ -4,7 +4,7 @@
 //! events of the connection alias its test chose.
 
 #![cfg(all(feature = "sqlite", feature = "postgres"))]
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 
