@@ -14,6 +14,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod async_driver;
 mod defer_macro;
 mod dropin;
 mod faults;

@@ -5,17 +5,17 @@
     feature = "async",
     feature = "sqlite",
     feature = "postgres",
-    feature = "mysql"
+    feature = "mysql",
+    feature = "deadpool",
+    feature = "bb8"
 ))]
-
-mod common;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{unique_tag, Recorder};
+use crate::common::{self, unique_tag, Recorder};
 use diesel::result::{Error, QueryResult};
 use diesel::sqlite::SqliteConnection;
 use diesel::QueryableByName;
