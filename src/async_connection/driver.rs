@@ -636,8 +636,9 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         }
     }
 
-    /// `transaction`: begin, the closure, commit or roll back; a closure whose future is
-    /// dropped leaves its level abandoned (rolled back at the connection's next operation).
+    /// `transaction`: begin, the closure, commit or roll back. A closure that panics has its
+    /// level rolled back before the panic continues; a closure whose future is dropped leaves
+    /// its level abandoned (rolled back at the connection's next operation).
     pub(crate) async fn run_transaction<'a, R, E, F>(&mut self, callback: F) -> Result<R, E>
     where
         for<'r> F: AsyncFnOnce(&'r mut Self) -> Result<R, E>
@@ -654,9 +655,20 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
             depth,
             armed: true,
         };
-        let result = callback(&mut *self).await;
+        let result = catch_panic(callback(&mut *self)).await;
         abandon.armed = false;
         drop(abandon);
+        let result = match result {
+            Ok(result) => result,
+            Err(panic) => {
+                // As in sync: the level is rolled back (its rollback hooks run) before the
+                // panic continues, so the connection stays usable.
+                let _ = self
+                    .rollback_to(depth, "the transaction closure panicked")
+                    .await;
+                resume_unwind(panic);
+            }
+        };
         self.sync();
         if self.book.ledger.depth() < depth {
             // The closure ended the level itself (raw manager calls), or the connection broke

@@ -386,33 +386,29 @@ async fn cancelled_inside_the_closure<B: Backend>() {
     assert_eq!(c.transaction_depth(), 0);
 }
 
-/// A panic inside the closure: the level is abandoned and rolled back like a cancellation.
+/// A panic inside the closure: as in sync, the level is rolled back (its rollback hooks run)
+/// before the panic continues, and the connection stays usable.
 async fn panic_inside_the_closure<B: Backend>() {
     let mut c = B::connect().await;
     let tag = unique_tag("panic");
     let rec = Recorder::new();
     let r = rec.clone();
-    let mut c = tokio::spawn(async move {
-        let result = {
-            let fut = c.transaction(async |c| {
-                B::exec(c, &insert(&tag, 1)).await?;
-                c.on_commit(r.hook("commit"));
-                c.on_rollback(r.hook("rollback"));
-                if r.get().is_empty() {
-                    panic!("boom");
-                }
-                QueryResult::Ok(())
-            });
-            futures_catch(fut).await
-        };
-        assert!(result.is_err(), "the closure panicked");
-        c.roll_back_abandoned().await.unwrap();
-        (c, tag)
-    })
-    .await
-    .unwrap();
-    assert_eq!(rec.take(), ["rollback"]);
-    assert_eq!(B::count(&mut c.0, &c.1).await, 0);
+    let result = {
+        let fut = c.transaction(async |c| {
+            B::exec(c, &insert(&tag, 1)).await?;
+            c.on_commit(r.hook("commit"));
+            c.on_rollback(r.hook("rollback"));
+            if r.get().is_empty() {
+                panic!("boom");
+            }
+            QueryResult::Ok(())
+        });
+        futures_catch(fut).await
+    };
+    assert!(result.is_err(), "the closure panicked");
+    assert_eq!(rec.take(), ["rollback"], "before the panic reached the caller");
+    assert_eq!(c.transaction_depth(), 0);
+    assert_eq!(B::count(&mut c, &tag).await, 0);
 }
 
 /// Polls `fut` to completion, catching a panic (`AssertUnwindSafe` inside a future).
