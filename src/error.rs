@@ -80,6 +80,19 @@ impl TransactionAborted {
         .into_error()
     }
 
+    /// PostgreSQL's answer to `RELEASE SAVEPOINT` in an aborted transaction, given without
+    /// sending it (async connections: diesel-async would count the savepoint released while
+    /// the server keeps it). The same text as the server's, so callers see one error either way.
+    #[cfg(feature = "async")]
+    pub(crate) fn release_refused_error() -> Error {
+        Info {
+            message: "current transaction is aborted, commands ignored until end of transaction \
+block (RELEASE SAVEPOINT not sent: a statement failed inside the savepoint)",
+            hint: "roll the savepoint back (return the error from its closure)",
+        }
+        .into_error()
+    }
+
     /// A statement or `begin` refused in a transaction the database ended on its own.
     pub(crate) fn statement_error() -> Error {
         Info {

@@ -424,7 +424,7 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
             // PostgreSQL refuses RELEASE in an aborted transaction, and diesel-async would count
             // the savepoint closed while the server keeps it. Refuse here (row R2): the caller
             // rolls the savepoint back, which clears a failure that happened inside it.
-            return Err(TransactionAborted::into_error());
+            return Err(TransactionAborted::release_refused_error());
         }
         if before
             == (Status::Open {

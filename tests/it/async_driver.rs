@@ -406,7 +406,11 @@ async fn panic_inside_the_closure<B: Backend>() {
         futures_catch(fut).await
     };
     assert!(result.is_err(), "the closure panicked");
-    assert_eq!(rec.take(), ["rollback"], "before the panic reached the caller");
+    assert_eq!(
+        rec.take(),
+        ["rollback"],
+        "before the panic reached the caller"
+    );
     assert_eq!(c.transaction_depth(), 0);
     assert_eq!(B::count(&mut c, &tag).await, 0);
 }

@@ -15,6 +15,7 @@
 mod common;
 
 mod async_driver;
+mod async_model;
 mod defer_macro;
 mod dropin;
 mod faults;

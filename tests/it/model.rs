@@ -480,6 +480,102 @@ impl Model<'_> {
     }
 }
 
+/// The scenario table: the situations of README "When hooks run" (and `tests/it/semantics.rs`)
+/// written once as programs, run through both drivers (this file's sync suites and
+/// `tests/it/async_model.rs`) and checked against the model, beside the generated ones.
+pub fn scenarios(flavour: &Flavour) -> Vec<(&'static str, Program)> {
+    use Ending::{Err as E, Ok as K, Panic as P};
+    use Op::*;
+    let n = 0;
+    let mut table = vec![
+        (
+            "commit hooks run after the outermost COMMIT, in registration order across levels",
+            vec![
+                OnCommit(n),
+                Nested(n, vec![OnCommit(n), Defer(n), Nested(n, vec![OnCommit(n), Insert(0)], K)], K),
+                OnCommit(n),
+            ],
+            K,
+        ),
+        (
+            "a savepoint that rolls back discards its commit hooks and runs its rollback hooks at once",
+            vec![
+                OnCommit(n),
+                OnRollback(n),
+                Insert(0),
+                Nested(
+                    n,
+                    vec![
+                        Insert(0),
+                        OnCommit(n),
+                        OnRollback(n),
+                        OnComplete(n),
+                        Nested(n, vec![Insert(0), OnRollback(n)], K),
+                    ],
+                    E,
+                ),
+                Insert(0),
+            ],
+            K,
+        ),
+        (
+            "a rolled back transaction runs every rollback hook of every level, no commit hook",
+            vec![
+                OnCommit(n),
+                OnRollback(n),
+                Nested(n, vec![OnRollback(n), OnCommit(n), Defer(n)], K),
+                OnComplete(n),
+            ],
+            E,
+        ),
+        (
+            "a panicking savepoint closure is rolled back, then the panic continues",
+            vec![Nested(n, vec![OnRollback(n), OnCommit(n)], P), OnCommit(n)],
+            K,
+        ),
+        (
+            "a panicking outermost closure rolls everything back",
+            vec![OnCommit(n), OnRollback(n), Nested(n, vec![OnRollback(n)], K)],
+            P,
+        ),
+        (
+            "a swallowed statement error",
+            vec![Insert(0), OnCommit(n), OnRollback(n), OnComplete(n), SwallowedError(n)],
+            K,
+        ),
+        (
+            "a swallowed statement error inside a savepoint whose closure returns Ok",
+            vec![
+                OnCommit(n),
+                Nested(n, vec![OnRollback(n), SwallowedError(n)], K),
+                Insert(0),
+            ],
+            K,
+        ),
+        (
+            "a savepoint opened after a swallowed error",
+            vec![SwallowedError(n), Nested(n, vec![OnCommit(n)], K), OnRollback(n)],
+            K,
+        ),
+        (
+            "defer in a released savepoint waits for the outermost level, which rolls back",
+            vec![Nested(n, vec![Defer(n), OnComplete(n)], K)],
+            E,
+        ),
+    ];
+    if flavour.commit_violation.is_some() {
+        table.push((
+            "a COMMIT that fails on a deferred constraint runs the rollback hooks",
+            vec![OnCommit(n), OnRollback(n), OnComplete(n), Insert(0)],
+            Ending::DeferredViolation,
+        ));
+    }
+    table
+        .into_iter()
+        .map(|(name, ops, ending)| (name, Program { ops, ending }.numbered()))
+        .collect()
+}
+
 /// What the model predicts for `program` on `flavour`.
 pub fn expected(program: &Program, flavour: &Flavour) -> Run {
     let mut model = Model {
@@ -702,6 +798,16 @@ macro_rules! model_suite {
                 let got = observe(program);
                 prop_assert_eq!(&got, &want, "program: {:#?}", program);
                 Ok(())
+            }
+
+            /// The scenario table, through the sync driver.
+            #[test]
+            fn scenarios_agree_with_the_model() {
+                for (name, program) in scenarios(&flavour()) {
+                    if let Err(e) = check(&program) {
+                        panic!("scenario \"{name}\": {e}");
+                    }
+                }
             }
 
             /// The generator keeps reaching every rule of the model on this flavour (checked on
