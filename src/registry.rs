@@ -542,7 +542,6 @@ pub fn in_transaction() -> bool {
 /// The task map: levels of async connections, by task (see the module docs).
 #[cfg(feature = "async")]
 pub(crate) mod task {
-    use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -569,6 +568,7 @@ pub(crate) mod task {
     }
 
     struct Entry {
+        key: Key,
         conn: ConnectionId,
         serial: u64,
         inbox: Arc<Inbox>,
@@ -576,24 +576,25 @@ pub(crate) mod task {
 
     /// Levels open in the map, so `defer` outside any async transaction skips the lock.
     static OPEN: AtomicUsize = AtomicUsize::new(0);
-    static MAP: Mutex<Option<HashMap<Key, Vec<Entry>>>> = Mutex::new(None);
+    /// Every open async level of the process, in the order they opened: one flat list, which
+    /// keeps its capacity, so entering and exiting a level allocates nothing once it has grown.
+    /// A task's levels are found by scanning from the end (the open levels of the process: a
+    /// few per concurrent transaction).
+    static MAP: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 
-    fn map() -> MutexGuard<'static, Option<HashMap<Key, Vec<Entry>>>> {
+    fn map() -> MutexGuard<'static, Vec<Entry>> {
         MAP.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Records that `conn` opened level `serial` in the current task.
     pub(crate) fn enter(conn: ConnectionId, serial: u64, inbox: &Arc<Inbox>) -> Slot {
         let key = Key::current();
-        let mut map = map();
-        map.get_or_insert_with(HashMap::new)
-            .entry(key)
-            .or_default()
-            .push(Entry {
-                conn,
-                serial,
-                inbox: Arc::clone(inbox),
-            });
+        map().push(Entry {
+            key,
+            conn,
+            serial,
+            inbox: Arc::clone(inbox),
+        });
         OPEN.fetch_add(1, Ordering::Release);
         Slot::Task(key)
     }
@@ -602,20 +603,12 @@ pub(crate) mod task {
     /// map is reachable from every thread.
     pub(crate) fn exit(key: Key, conn: ConnectionId, serial: u64) -> bool {
         let mut map = map();
-        let Some(tasks) = map.as_mut() else {
-            return true;
-        };
-        if let Some(levels) = tasks.get_mut(&key) {
-            if let Some(i) = levels
-                .iter()
-                .rposition(|e| e.conn == conn && e.serial == serial)
-            {
-                levels.remove(i);
-                OPEN.fetch_sub(1, Ordering::Release);
-            }
-            if levels.is_empty() {
-                tasks.remove(&key);
-            }
+        if let Some(i) = map
+            .iter()
+            .rposition(|e| e.key == key && e.conn == conn && e.serial == serial)
+        {
+            map.remove(i);
+            OPEN.fetch_sub(1, Ordering::Release);
         }
         true
     }
@@ -629,18 +622,16 @@ pub(crate) mod task {
         }
         let key = Key::current();
         let mut map = map();
-        let Some(levels) = map.as_mut().and_then(|m| m.get_mut(&key)) else {
-            return Err((hook, DeferError::NoTransaction));
-        };
         let mut hook = hook;
-        while let Some(top) = levels.last() {
+        while let Some(i) = map.iter().rposition(|e| e.key == key) {
+            let top = &map[i];
             match top.inbox.offer(top.serial, hook) {
                 Ok(()) => return Ok(top.conn),
                 Err((back, Some(why))) => return Err((back, why)),
                 Err((back, None)) => {
                     // Its connection is gone: a stale entry.
                     hook = back;
-                    levels.pop();
+                    map.remove(i);
                     OPEN.fetch_sub(1, Ordering::Release);
                 }
             }
@@ -654,9 +645,6 @@ pub(crate) mod task {
             return false;
         }
         let key = Key::current();
-        map()
-            .as_ref()
-            .and_then(|m| m.get(&key))
-            .is_some_and(|levels| levels.iter().any(|e| e.inbox.is_open()))
+        map().iter().any(|e| e.key == key && e.inbox.is_open())
     }
 }
