@@ -27,6 +27,7 @@ use crate::hook::{Hook, HookOutput};
 use crate::outcome::Outcome;
 use crate::pre_commit::PreCommitConnection;
 use crate::signals;
+use crate::testing::CapturedHooks;
 use watch::{Backend, Watch};
 
 /// A boxed future, as `before_commit` work returns it.
@@ -483,6 +484,56 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
             .ledger
             .push_pre_commit(Box::new(trampoline), location)
             .map_err(|e| diesel::result::Error::QueryBuilderError(Box::new(e)))
+    }
+
+    /// Runs `f` and takes the hooks it registered (directly or with `defer`) in the open
+    /// transaction, unrun: for tests inside `begin_test_transaction`, which never commits, as
+    /// [`SignalConnection::capture_hooks`](crate::SignalConnection::capture_hooks) does. Returns
+    /// `Error::NotInTransaction` outside a transaction.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::{Connection, SqliteConnection};
+    /// use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+    /// use diesel_async::AsyncConnection;
+    /// use diesel_transaction_signals::AsyncSignalConnection;
+    /// use std::sync::mpsc;
+    ///
+    /// # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
+    /// let raw: SyncConnectionWrapper<SqliteConnection> = SyncConnectionWrapper::new(SqliteConnection::establish(":memory:").unwrap());
+    /// let mut conn = AsyncSignalConnection::new(raw);
+    /// conn.begin_test_transaction().await.unwrap();
+    /// let (tx, rx) = mpsc::channel();
+    /// let ((), hooks) = conn
+    ///     .capture_hooks(async |c| c.on_commit(move || tx.send("welcome e-mail").unwrap()))
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(hooks.len(), 1);
+    /// assert!(rx.try_recv().is_err());
+    /// hooks.run_as_committed();
+    /// assert_eq!(rx.try_recv(), Ok("welcome e-mail"));
+    /// # });
+    /// # }
+    /// ```
+    pub async fn capture_hooks<R, F>(&mut self, f: F) -> QueryResult<(R, CapturedHooks)>
+    where
+        for<'r> F: AsyncFnOnce(&'r mut Self) -> R + AsyncFunc<&'r mut Self, R, Fut: Send> + Send,
+        R: Send,
+    {
+        self.sync();
+        let depth = self.book.ledger.depth();
+        if depth == 0 {
+            return Err(diesel::result::Error::NotInTransaction);
+        }
+        let start = self.book.ledger.hooks.len();
+        let value = f(&mut *self).await;
+        self.sync();
+        let hooks = if self.book.ledger.depth() < depth {
+            Vec::new()
+        } else {
+            self.book.ledger.take_since(depth, start)
+        };
+        Ok((value, CapturedHooks::new(hooks, self.book.label.clone())))
     }
 
     fn register(&mut self, hook: Hook) {

@@ -875,3 +875,157 @@ async fn mysql_deadlock_victim_settles_rolled_back() {
     expected.sort();
     assert_eq!(seen, expected);
 }
+
+/// `capture_hooks` in a test transaction: the hooks are taken unrun, and run on demand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_hooks_in_a_test_transaction() {
+    let mut c = Sqlite::connect().await;
+    c.begin_test_transaction().await.unwrap();
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let (n, hooks) = c
+        .capture_hooks(async |c| {
+            c.on_commit(r.hook("commit"));
+            defer(r.hook("deferred"));
+            c.transaction(async |c| {
+                c.on_commit(r.hook("released"));
+                QueryResult::Ok(())
+            })
+            .await
+            .unwrap();
+            7
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, 7);
+    assert_eq!(hooks.len(), 3);
+    assert!(rec.get().is_empty());
+    hooks.run_as_committed();
+    assert_eq!(rec.take(), ["commit", "deferred", "released"]);
+    let mut plain = Sqlite::connect().await;
+    assert!(matches!(
+        plain.capture_hooks(async |_| ()).await,
+        Err(Error::NotInTransaction)
+    ));
+}
+
+/// Migrations run through diesel-async's harness on the wrapper; on MariaDB, whose DDL commits
+/// implicitly, the wrapper follows the server (statements after the implicit commit run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_through_the_async_harness() {
+    use diesel_async::AsyncMigrationHarness;
+    use diesel_migrations::MigrationHarness;
+
+    let sqlite = AsyncSignalConnection::<Sqlite>::establish(&sqlite_url())
+        .await
+        .unwrap();
+    let mut harness = AsyncMigrationHarness::new(sqlite);
+    let applied = harness
+        .run_pending_migrations(common::SQLITE_MIGRATIONS)
+        .unwrap();
+    assert!(!applied.is_empty());
+    let mut sqlite = harness.into_inner();
+    assert_eq!(sqlite.transaction_depth(), 0);
+    Sqlite::exec(
+        &mut sqlite,
+        "INSERT INTO items (tag, v) VALUES ('migrated', 1)",
+    )
+    .await
+    .unwrap();
+
+    let db = unique_tag("async_mig").replace('-', "_");
+    let mut admin = AsyncMysqlConnection::connect().await;
+    AsyncMysqlConnection::exec(&mut admin, &format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let url = common::mysql_url();
+    let url = format!("{}/{db}", &url[..url.rfind('/').unwrap()]);
+    let mysql = AsyncSignalConnection::<AsyncMysqlConnection>::establish(&url)
+        .await
+        .unwrap();
+    let mut harness = AsyncMigrationHarness::new(mysql);
+    let applied = harness
+        .run_pending_migrations(common::MYSQL_MIGRATIONS)
+        .unwrap();
+    assert!(!applied.is_empty());
+    let mut mysql = harness.into_inner();
+    assert_eq!(mysql.transaction_depth(), 0);
+    AsyncMysqlConnection::exec(
+        &mut mysql,
+        "INSERT INTO items (tag, v) VALUES ('migrated', 1)",
+    )
+    .await
+    .unwrap();
+    AsyncMysqlConnection::exec(&mut admin, &format!("DROP DATABASE {db}"))
+        .await
+        .unwrap();
+}
+
+/// Diesel's instrumentation sees the same events through the wrapper as through the plain
+/// connection: the wrapper sends no query of its own on the common path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instrumentation_events_are_the_plain_connections() {
+    use diesel::connection::{Instrumentation, InstrumentationEvent};
+    use std::sync::Mutex;
+
+    fn recorder() -> (Arc<Mutex<Vec<String>>>, impl Instrumentation) {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&events);
+        (events, move |event: InstrumentationEvent<'_>| {
+            let text = match event {
+                InstrumentationEvent::StartQuery { query, .. } => format!("start {query}"),
+                InstrumentationEvent::FinishQuery { query, error, .. } => {
+                    format!("finish {query} {}", error.is_some())
+                }
+                InstrumentationEvent::BeginTransaction { depth, .. } => format!("begin {depth}"),
+                InstrumentationEvent::CommitTransaction { depth, .. } => format!("commit {depth}"),
+                InstrumentationEvent::RollbackTransaction { depth, .. } => {
+                    format!("rollback {depth}")
+                }
+                _ => return,
+            };
+            sink.lock().unwrap().push(text);
+        })
+    }
+
+    async fn work<C>(c: &mut C)
+    where
+        C: AsyncConnection<Backend = diesel::sqlite::Sqlite> + 'static,
+    {
+        c.transaction(async |c| {
+            diesel::sql_query("CREATE TABLE IF NOT EXISTS inst (v INTEGER)")
+                .execute(c)
+                .await?;
+            let _ = c
+                .transaction(async |c| {
+                    diesel::sql_query("INSERT INTO inst VALUES (1)")
+                        .execute(c)
+                        .await?;
+                    Err::<(), _>(Error::RollbackTransaction)
+                })
+                .await;
+            diesel::sql_query("INSERT INTO inst VALUES (2)")
+                .execute(c)
+                .await?;
+            QueryResult::Ok(())
+        })
+        .await
+        .unwrap();
+    }
+
+    let mut plain = Sqlite::establish(":memory:").await.unwrap();
+    let (plain_events, inst) = recorder();
+    plain.set_instrumentation(inst);
+    work(&mut plain).await;
+
+    let mut wrapped = AsyncSignalConnection::<Sqlite>::establish(":memory:")
+        .await
+        .unwrap();
+    let (wrapped_events, inst) = recorder();
+    wrapped.set_instrumentation(inst);
+    work(&mut wrapped).await;
+
+    let plain_events = plain_events.lock().unwrap().clone();
+    assert!(plain_events.len() >= 8, "{plain_events:?}");
+    assert_eq!(*wrapped_events.lock().unwrap(), plain_events);
+}
