@@ -1029,3 +1029,45 @@ async fn instrumentation_events_are_the_plain_connections() {
     assert!(plain_events.len() >= 8, "{plain_events:?}");
     assert_eq!(*wrapped_events.lock().unwrap(), plain_events);
 }
+
+/// A `PRE_COMMIT` veto refuses an async commit as it does a sync one: rolled back, the veto
+/// returned, rollback hooks run; `POST_ROLLBACK` fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_commit_veto_rolls_an_async_transaction_back() {
+    use diesel_transaction_signals::signals::{Veto, POST_ROLLBACK, PRE_COMMIT};
+    let mut c = Sqlite::connect().await.with_alias("async-veto");
+    let id = c.id();
+    let _veto = PRE_COMMIT.connect_guard(move |e| {
+        if e.connection() == id {
+            Err(Veto::new("read-only for this test"))
+        } else {
+            Ok(())
+        }
+    });
+    let rolled_back = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&rolled_back);
+    let _post = POST_ROLLBACK.connect_guard(move |e| {
+        if e.connection() == id {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let tag = unique_tag("veto");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let result = c
+        .transaction(async |c| {
+            Sqlite::exec(c, &insert(&tag, 1)).await?;
+            c.on_commit(r.hook("commit"));
+            c.on_rollback(r.hook("rollback"));
+            QueryResult::Ok(())
+        })
+        .await;
+    let err = result.unwrap_err();
+    assert_eq!(
+        Veto::from_error(&err).map(|v| v.message().to_owned()),
+        Some("read-only for this test".to_owned())
+    );
+    assert_eq!(rec.take(), ["rollback"]);
+    assert_eq!(AtomicUsize::load(&rolled_back, Ordering::SeqCst), 1);
+    assert_eq!(Sqlite::count(&mut c, &tag).await, 0);
+}
