@@ -608,31 +608,27 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         };
         let label = self.book.label.clone();
         let spawn_label = label.clone();
-        let mut rest = scopeguard::guard(queue.into_iter(), move |rest| {
-            for (fut, location) in rest {
-                match tokio::runtime::Handle::try_current() {
-                    Ok(runtime) => {
-                        log::info!(
-                            target: "diesel_transaction_signals",
-                            "on_commit_async future registered at {location} spawned: the \
-                             caller's transaction future was dropped after COMMIT (connection {spawn_label})"
-                        );
-                        let label = spawn_label.clone();
-                        runtime.spawn(async move {
-                            settle_async(catch_panic(fut).await, location, &label);
-                        });
-                    }
-                    Err(_) => log::warn!(
-                        target: "diesel_transaction_signals",
-                        "on_commit_async future registered at {location} dropped unrun: the \
-                         caller's future was dropped after COMMIT outside a tokio runtime \
-                         (connection {spawn_label})"
-                    ),
+        // `(the one being awaited, the rest)`: if this future is dropped, both go on in one
+        // spawned task, in order; the one being awaited resumes where it was.
+        let mut pending = scopeguard::guard(
+            (None::<AfterCommitItem>, queue.into_iter()),
+            move |(current, rest)| {
+                let left: Vec<AfterCommitItem> = current.into_iter().chain(rest).collect();
+                if !left.is_empty() {
+                    finish_elsewhere(left, spawn_label);
                 }
-            }
-        });
-        for (fut, location) in rest.by_ref() {
-            settle_async(catch_panic(fut).await, location, &label);
+            },
+        );
+        loop {
+            let Some(next) = pending.1.next() else {
+                return;
+            };
+            let (current, _) = &mut *pending;
+            let (fut, location) = current.insert(next);
+            let location = *location;
+            let result = catch_panic(fut.as_mut()).await;
+            pending.0 = None;
+            settle_async(result, location, &label);
         }
     }
 
@@ -735,6 +731,41 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
             }
             None => Ok(()),
         }
+    }
+}
+
+/// An `on_commit_async` future and where it was registered.
+type AfterCommitItem = (
+    super::BoxFuture<'static, Option<String>>,
+    &'static std::panic::Location<'static>,
+);
+
+/// The caller's future was dropped after COMMIT while `on_commit_async` futures were pending:
+/// they go on in one task of the current runtime, in order (or are dropped with a warning
+/// outside a runtime); a log line names each.
+#[cold]
+fn finish_elsewhere(left: Vec<AfterCommitItem>, label: crate::id::Label) {
+    let runtime = tokio::runtime::Handle::try_current();
+    for (_, location) in &left {
+        match &runtime {
+            Ok(_) => log::info!(
+                target: "diesel_transaction_signals",
+                "on_commit_async future registered at {location} spawned: the caller's \
+                 transaction future was dropped after COMMIT (connection {label})"
+            ),
+            Err(_) => log::warn!(
+                target: "diesel_transaction_signals",
+                "on_commit_async future registered at {location} dropped unrun: the caller's \
+                 future was dropped after COMMIT outside a tokio runtime (connection {label})"
+            ),
+        }
+    }
+    if let Ok(runtime) = runtime {
+        runtime.spawn(async move {
+            for (fut, location) in left {
+                settle_async(catch_panic(fut).await, location, &label);
+            }
+        });
     }
 }
 

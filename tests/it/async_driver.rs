@@ -1071,3 +1071,50 @@ async fn pre_commit_veto_rolls_an_async_transaction_back() {
     assert_eq!(AtomicUsize::load(&rolled_back, Ordering::SeqCst), 1);
     assert_eq!(Sqlite::count(&mut c, &tag).await, 0);
 }
+
+/// The caller's future dropped after COMMIT while `on_commit_async` futures are pending: the one
+/// being awaited and the rest go on in a spawned task, in order, each with an info line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_async_hooks_survive_a_dropped_caller() {
+    use tokio::sync::oneshot;
+    let logs = common::logger();
+    let mut c = Sqlite::connect()
+        .await
+        .with_alias("async-dropped-after-commit");
+    let (started_tx, started_rx) = oneshot::channel::<()>();
+    let (release_tx, release_rx) = oneshot::channel::<()>();
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    let rec = Recorder::new();
+    let (r1, r2) = (rec.clone(), rec.clone());
+    {
+        let fut = c.transaction(async |c| {
+            c.on_commit_async(async move {
+                started_tx.send(()).unwrap();
+                release_rx.await.unwrap();
+                r1.push("first");
+            });
+            c.on_commit_async(async move {
+                r2.push("second");
+                done_tx.send(()).unwrap();
+            });
+            QueryResult::Ok(())
+        });
+        tokio::select! {
+            _ = fut => panic!("the first future is still pending"),
+            started = started_rx => started.unwrap(),
+        }
+    }
+    assert!(rec.get().is_empty());
+    assert_eq!(c.transaction_depth(), 0, "committed before the futures ran");
+    release_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), done_rx)
+        .await
+        .expect("the spawned futures finished")
+        .unwrap();
+    assert_eq!(rec.take(), ["first", "second"]);
+    let lines = logs.matching(
+        log::Level::Info,
+        &["on_commit_async", "spawned", "(async-dropped-after-commit)"],
+    );
+    assert_eq!(lines.len(), 2, "{lines:?}");
+}
