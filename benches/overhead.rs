@@ -12,6 +12,8 @@
 //! | `{sqlite,pg}_tx_insert_savepoint` | `plain`, `wrapper` | the `INSERT` in a savepoint |
 //! | `hooks_{commit,defer,rollback}_{0,1,10,100,10000}` | `vec`, `wrapper` (and, interleaved but not benchmarked, `vec_0`, `wrapper_0`: the same with no hook) | a SQLite transaction registering N hooks, which then run |
 //! | `signals_post_commit` | `plain`, `no_receiver`, `one_receiver` | an empty SQLite transaction |
+//! | `async_{sqlite,pg}_query_{select1,insert}`, `async_{sqlite,pg}_tx_{empty,insert}` (feature `async`) | `plain`, `wrapper` | as above, through diesel-async: `SyncConnectionWrapper<SqliteConnection>` or `AsyncPgConnection` (`plain`) and `AsyncSignalConnection` of it (`wrapper`) |
+//! | `async_hooks_{commit,defer,rollback}_{100,10000}` (feature `async`) | `vec`, `wrapper` (and `vec_0`, `wrapper_0`) | a diesel-async SQLite transaction registering N hooks, which then run |
 //!
 //! SQLite is in memory; PostgreSQL is the server at `DTS_PG_URL` (over loopback), and its
 //! groups are skipped, with a notice, when the variable is unset. Every variant has its own
@@ -37,8 +39,18 @@
 //! goes cancels out. A benchmark therefore takes about (number of variants) x its measurement
 //! time.
 //!
+//! # Async
+//!
+//! The `async_*` groups (feature `async`) drive diesel-async on one `current_thread` tokio
+//! runtime: every chunk of every variant runs as one task (spawned on a `LocalSet`, timed
+//! inside it), so `defer!` finds its transaction by task id, as in a service. The hand-written
+//! side of `async_hooks_*` is a `Vec<Box<dyn FnOnce() + Send>>` filled inside the same plain
+//! diesel-async transaction and run after `transaction(..).await` returns.
+//! `SyncConnectionWrapper` runs each statement with `spawn_blocking` on the runtime's blocking
+//! threads; `async_pg_*` run when `DTS_PG_URL` is set, like `pg_*`.
+//!
 //! Run with `scripts/bench` (prints the table of ratios) or
-//! `cargo bench --features sqlite,postgres --bench overhead -- [criterion args]`.
+//! `cargo bench --features sqlite,postgres,async --bench overhead -- [criterion args]`.
 
 use std::cell::{Cell, RefCell};
 use std::env;
@@ -536,6 +548,308 @@ fn signal_benches(c: &mut Criterion) {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// Async (feature `async`): diesel-async vs `AsyncSignalConnection`
+
+#[cfg(feature = "async")]
+mod async_groups {
+    //! The same comparisons for diesel-async: `plain` is diesel-async's connection
+    //! (`SyncConnectionWrapper<SqliteConnection>`, `AsyncPgConnection`), `wrapper` is
+    //! `AsyncSignalConnection` of it. One `current_thread` runtime (`RT`) runs every variant:
+    //! each chunk is a task on it (see [`timed_async`]); SQLite's statements run on its
+    //! blocking threads (`spawn_blocking`), PostgreSQL's connection task on its thread.
+
+    use std::hint::black_box;
+    use std::sync::LazyLock;
+    use std::time::Instant;
+
+    use criterion::Criterion;
+    use diesel::result::{Error, QueryResult};
+    use diesel::sql_types::Integer;
+    use diesel::sqlite::SqliteConnection;
+    use diesel::{Connection, ExpressionMethods};
+    use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+    use diesel_transaction_signals::{defer, AsyncSignalConnection};
+    use tokio::runtime::Runtime;
+    use tokio::task::LocalSet;
+
+    use super::{bench_rows, checked, compare, compare_with, record, Op};
+
+    type Sqlite = SyncConnectionWrapper<SqliteConnection>;
+
+    /// Hook counts per transaction for the `async_hooks_*` groups.
+    const HOOK_COUNTS: [u64; 2] = [100, 10_000];
+
+    /// The runtime every async variant runs on.
+    static RT: LazyLock<Runtime> = LazyLock::new(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    });
+
+    /// [`timed`](super::timed) for an async body. The chunk of `n` runs as one tokio task (as a
+    /// service's request would: `defer!` then finds its transaction by task id), spawned on a
+    /// `LocalSet` driven by `RT.block_on`, and is timed inside the task: spawning and entering
+    /// the runtime are not counted. The connection and body move into the task and back.
+    fn timed_async<C, B>(conn: C, body: B) -> Op
+    where
+        C: 'static,
+        B: AsyncFnMut(&mut C, i32) + 'static,
+    {
+        let mut state = Some((conn, body, 0_i32));
+        Box::new(move |n| {
+            let (mut conn, mut body, mut counter) = state.take().expect("not reentered");
+            let local = LocalSet::new();
+            let (elapsed, back) = local.block_on(&RT, async move {
+                tokio::task::spawn_local(async move {
+                    let start = Instant::now();
+                    for _ in 0..n {
+                        counter = counter.wrapping_add(1);
+                        body(&mut conn, counter).await;
+                    }
+                    (start.elapsed(), (conn, body, counter))
+                })
+                .await
+                .expect("the chunk's task")
+            });
+            state = Some(back);
+            elapsed
+        })
+    }
+
+    /// A `plain` and a `wrapper` variant running the same async body.
+    macro_rules! plain_vs_wrapper_async {
+        ($plain:expr, $wrapper:expr, |$conn:ident, $i:ident| $body:expr) => {
+            vec![
+                (
+                    "plain",
+                    timed_async($plain, async |$conn, $i| {
+                        black_box($body);
+                    }),
+                ),
+                (
+                    "wrapper",
+                    timed_async($wrapper, async |$conn, $i| {
+                        black_box($body);
+                    }),
+                ),
+            ]
+        };
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Connections
+
+    fn sqlite_plain() -> Sqlite {
+        // Made inside the runtime, so `spawn_blocking` uses its blocking pool.
+        let _rt = RT.enter();
+        let conn = SqliteConnection::establish(":memory:").expect("SQLite in memory");
+        let mut conn = Sqlite::new(conn);
+        RT.block_on(
+            conn.batch_execute(
+                "CREATE TABLE bench_rows (id INTEGER PRIMARY KEY, v INTEGER NOT NULL)",
+            ),
+        )
+        .expect("schema");
+        conn
+    }
+
+    fn sqlite_wrapped() -> AsyncSignalConnection<Sqlite> {
+        AsyncSignalConnection::new(sqlite_plain())
+    }
+
+    fn pg_plain(url: &str) -> AsyncPgConnection {
+        RT.block_on(async {
+            let mut conn = AsyncPgConnection::establish(url)
+                .await
+                .unwrap_or_else(|e| panic!("DTS_PG_URL={url}: cannot connect: {e}"));
+            conn.batch_execute(
+                "CREATE TEMPORARY TABLE bench_rows (id SERIAL PRIMARY KEY, v INTEGER NOT NULL)",
+            )
+            .await
+            .expect("schema");
+            conn
+        })
+    }
+
+    fn pg_wrapped(url: &str) -> AsyncSignalConnection<AsyncPgConnection> {
+        AsyncSignalConnection::new(pg_plain(url))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Queries and transactions
+
+    /// `SELECT 1`, a prepared single-row insert, an empty transaction and a transaction with
+    /// one insert.
+    macro_rules! async_groups {
+        ($c:expr, $prefix:literal, $plain:expr, $wrapper:expr) => {
+            compare(
+                $c,
+                concat!($prefix, "_query_select1"),
+                plain_vs_wrapper_async!($plain, $wrapper, |conn, _i| {
+                    diesel::select(diesel::dsl::sql::<Integer>("1"))
+                        .get_result::<i32>(conn)
+                        .await
+                        .unwrap()
+                }),
+            );
+            compare(
+                $c,
+                concat!($prefix, "_query_insert"),
+                plain_vs_wrapper_async!($plain, $wrapper, |conn, i| {
+                    diesel::insert_into(bench_rows::table)
+                        .values(bench_rows::v.eq(i))
+                        .execute(conn)
+                        .await
+                        .unwrap()
+                }),
+            );
+            compare(
+                $c,
+                concat!($prefix, "_tx_empty"),
+                plain_vs_wrapper_async!($plain, $wrapper, |conn, _i| {
+                    conn.transaction(async |_| QueryResult::Ok(()))
+                        .await
+                        .unwrap()
+                }),
+            );
+            compare(
+                $c,
+                concat!($prefix, "_tx_insert"),
+                plain_vs_wrapper_async!($plain, $wrapper, |conn, i| {
+                    conn.transaction(async |conn| {
+                        diesel::insert_into(bench_rows::table)
+                            .values(bench_rows::v.eq(i))
+                            .execute(conn)
+                            .await
+                    })
+                    .await
+                    .unwrap()
+                }),
+            );
+        };
+    }
+
+    pub(super) fn sqlite_benches(c: &mut Criterion) {
+        async_groups!(c, "async_sqlite", sqlite_plain(), sqlite_wrapped());
+    }
+
+    pub(super) fn pg_benches(c: &mut Criterion, url: &str) {
+        async_groups!(c, "async_pg", pg_plain(url), pg_wrapped(url));
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Hooks
+
+    /// The hand-written alternative: boxed closures that may cross threads, as a task's must.
+    type Pending = Vec<Box<dyn FnOnce() + Send>>;
+
+    /// The hand-written commit hooks: a `Vec` filled in the transaction, run after it committed.
+    fn vec_commit(hooks: u64) -> Op {
+        let op = timed_async(sqlite_plain(), async move |conn, _| {
+            let mut pending: Pending = Vec::new();
+            conn.transaction(async |_| {
+                for k in 0..hooks {
+                    pending.push(Box::new(move || record(k)));
+                }
+                QueryResult::Ok(())
+            })
+            .await
+            .unwrap();
+            for hook in pending {
+                hook();
+            }
+        });
+        checked(op, hooks)
+    }
+
+    fn wrapper_on_commit(hooks: u64) -> Op {
+        let op = timed_async(sqlite_wrapped(), async move |conn, _| {
+            conn.transaction(async |conn| {
+                for k in 0..hooks {
+                    conn.on_commit(move || record(k));
+                }
+                QueryResult::Ok(())
+            })
+            .await
+            .unwrap();
+        });
+        checked(op, hooks)
+    }
+
+    fn wrapper_defer(hooks: u64) -> Op {
+        let op = timed_async(sqlite_wrapped(), async move |conn, _| {
+            conn.transaction(async |_| {
+                for k in 0..hooks {
+                    defer!(record(k));
+                }
+                QueryResult::Ok(())
+            })
+            .await
+            .unwrap();
+        });
+        checked(op, hooks)
+    }
+
+    /// The hand-written rollback hooks: run when `transaction` returned `Err`.
+    fn vec_rollback(hooks: u64) -> Op {
+        let op = timed_async(sqlite_plain(), async move |conn, _| {
+            let mut pending: Pending = Vec::new();
+            let result = conn
+                .transaction(async |_| {
+                    for k in 0..hooks {
+                        pending.push(Box::new(move || record(k)));
+                    }
+                    Err::<(), _>(Error::RollbackTransaction)
+                })
+                .await;
+            if result.is_err() {
+                for hook in pending {
+                    hook();
+                }
+            }
+        });
+        checked(op, hooks)
+    }
+
+    fn wrapper_on_rollback(hooks: u64) -> Op {
+        let op = timed_async(sqlite_wrapped(), async move |conn, _| {
+            let result = conn
+                .transaction(async |conn| {
+                    for k in 0..hooks {
+                        conn.on_rollback(move || record(k));
+                    }
+                    Err::<(), _>(Error::RollbackTransaction)
+                })
+                .await;
+            assert!(result.is_err());
+        });
+        checked(op, hooks)
+    }
+
+    /// `async_hooks_{kind}_{N}`: as `hooks_{kind}_{N}`, on diesel-async's SQLite connection.
+    pub(super) fn hook_benches(c: &mut Criterion) {
+        type Make = fn(u64) -> Op;
+        let kinds: [(&str, Make, Make); 3] = [
+            ("commit", vec_commit, wrapper_on_commit),
+            ("defer", vec_commit, wrapper_defer),
+            ("rollback", vec_rollback, wrapper_on_rollback),
+        ];
+        for hooks in HOOK_COUNTS {
+            for (kind, vec, wrapper) in kinds {
+                compare_with(
+                    c,
+                    &format!("async_hooks_{kind}_{hooks}"),
+                    vec![("vec", vec(hooks)), ("wrapper", wrapper(hooks))],
+                    vec![("vec_0", vec(0)), ("wrapper_0", wrapper(0))],
+                );
+            }
+        }
+    }
+}
+
 fn main() {
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(300))
@@ -554,5 +868,16 @@ fn main() {
     }
     hook_benches(&mut c);
     signal_benches(&mut c);
+    #[cfg(feature = "async")]
+    {
+        async_groups::sqlite_benches(&mut c);
+        match env::var("DTS_PG_URL") {
+            Ok(url) if !url.is_empty() => async_groups::pg_benches(&mut c, &url),
+            _ => println!(
+                "overhead: DTS_PG_URL is not set: skipping the async PostgreSQL groups (async_pg_*)."
+            ),
+        }
+        async_groups::hook_benches(&mut c);
+    }
     c.final_summary();
 }
