@@ -614,7 +614,10 @@ fn sqlite_retry_all_and_purge_everything_and_a_missing_table() {
     // Before the migrations: typed, naming the table.
     let mut fresh = SqliteConnection::establish(":memory:").unwrap();
     let err = Admin::status(&mut fresh).unwrap_err();
-    assert!(matches!(&err, OutboxError::NotMigrated(t) if t == "dts_outbox"), "{err}");
+    assert!(
+        matches!(&err, OutboxError::NotMigrated(t) if t == "dts_outbox"),
+        "{err}"
+    );
     // Only the first migration (a database not upgraded yet): the pause table is missing.
     diesel::connection::SimpleConnection::batch_execute(
         &mut fresh,
@@ -622,7 +625,10 @@ fn sqlite_retry_all_and_purge_everything_and_a_missing_table() {
     )
     .unwrap();
     let err = Admin::pause(&mut fresh, "q").unwrap_err();
-    assert!(matches!(&err, OutboxError::NotMigrated(t) if t == "dts_outbox_paused"), "{err}");
+    assert!(
+        matches!(&err, OutboxError::NotMigrated(t) if t == "dts_outbox_paused"),
+        "{err}"
+    );
     // The upgrade path: the pending migration adds it.
     let mut upgraded = SqliteConnection::establish(":memory:").unwrap();
     diesel::connection::SimpleConnection::batch_execute(
