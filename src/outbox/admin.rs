@@ -74,23 +74,28 @@ macro_rules! with_db {
             Ok(AdminDb::Pg($c)) => {
                 let $d = &PG;
                 // A closure, so that `?` in the body stays in the body.
-                (|| -> QueryResult<_> { $body })()
+                body(|| -> QueryResult<_> { $body })
             }
             #[cfg(feature = "sqlite")]
             Ok(AdminDb::Sqlite($c)) => {
                 let $d = &SQLITE;
                 // A closure, so that `?` in the body stays in the body.
-                (|| -> QueryResult<_> { $body })()
+                body(|| -> QueryResult<_> { $body })
             }
             #[cfg(feature = "mysql")]
             Ok(AdminDb::Mysql($c)) => {
                 let $d = &MYSQL;
                 // A closure, so that `?` in the body stays in the body.
-                (|| -> QueryResult<_> { $body })()
+                body(|| -> QueryResult<_> { $body })
             }
             Ok(AdminDb::_Never(never, _)) => match never {},
         }
     };
+}
+
+/// Runs a [`with_db!`] body.
+fn body<T>(f: impl FnOnce() -> QueryResult<T>) -> QueryResult<T> {
+    f()
 }
 
 /// A database error, or [`OutboxError::NotMigrated`] when the outbox's tables are missing.
@@ -221,7 +226,7 @@ struct DeadRow {
 /// assert!(emails.oldest_ready_age.is_some()); // alert when this grows
 /// assert!(!emails.paused && emails.leases.is_empty());
 /// # }
-/// # Ok::<(), outbox::OutboxError>(())
+/// # Ok::<(), diesel_transaction_signals::outbox::OutboxError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -346,7 +351,7 @@ pub struct DeadLetter {
 /// Admin::retry(&mut conn, dead[0].id)?; // attempts reset, due now
 /// assert!(matches!(Admin::retry(&mut conn, dead[0].id), Err(OutboxError::JobNotDead(_))));
 /// # }
-/// # Ok::<(), OutboxError>(())
+/// # Ok::<(), diesel_transaction_signals::outbox::OutboxError>(())
 /// ```
 #[derive(Debug)]
 pub struct Admin;
@@ -369,7 +374,7 @@ impl Admin {
     /// let all = Admin::status(&mut conn)?;
     /// assert_eq!((all[0].queue.as_str(), all[0].paused, all[0].ready), ("emails", true, 0));
     /// # }
-    /// # Ok::<(), OutboxError>(())
+    /// # Ok::<(), diesel_transaction_signals::outbox::OutboxError>(())
     /// ```
     pub fn status<C: OutboxConnection>(conn: &mut C) -> Result<Vec<QueueStatus>, OutboxError> {
         Self::status_of(conn, None)
@@ -405,13 +410,14 @@ impl Admin {
         conn: &mut C,
         queue: Option<&str>,
     ) -> Result<Vec<QueueStatus>, OutboxError> {
-        let (rows, leases, paused): (Vec<StatusRow>, Vec<LeaseRow>, Vec<PausedRow>) = with_db!(conn, |c, d| {
-            let now = d.now;
-            let leased = format!("(locked_until IS NOT NULL AND locked_until >= {now})");
-            let free = format!("(locked_until IS NULL OR locked_until < {now})");
-            let filter = format!("({} IS NULL OR queue = {})", d.p(1), d.p(2));
-            let rows: Vec<StatusRow> = diesel::sql_query(format!(
-                "SELECT queue, \
+        let (rows, leases, paused): (Vec<StatusRow>, Vec<LeaseRow>, Vec<PausedRow>) =
+            with_db!(conn, |c, d| {
+                let now = d.now;
+                let leased = format!("(locked_until IS NOT NULL AND locked_until >= {now})");
+                let free = format!("(locked_until IS NULL OR locked_until < {now})");
+                let filter = format!("({} IS NULL OR queue = {})", d.p(1), d.p(2));
+                let rows: Vec<StatusRow> = diesel::sql_query(format!(
+                    "SELECT queue, \
                  COUNT(CASE WHEN state = 0 AND run_at <= {now} AND {free} THEN 1 END) AS ready, \
                  COUNT(CASE WHEN state = 0 AND run_at > {now} AND attempts = 0 AND {free} \
                    THEN 1 END) AS scheduled, \
@@ -423,29 +429,29 @@ impl Admin {
                    AS oldest_ready, \
                  CAST(MAX({now}) AS {int}) AS now \
                  FROM dts_outbox WHERE {filter} GROUP BY queue ORDER BY queue",
-                int = d.int
-            ))
-            .bind::<Nullable<Text>, _>(queue)
-            .bind::<Nullable<Text>, _>(queue)
-            .load(c)?;
-            let leases: Vec<LeaseRow> = diesel::sql_query(format!(
+                    int = d.int
+                ))
+                .bind::<Nullable<Text>, _>(queue)
+                .bind::<Nullable<Text>, _>(queue)
+                .load(c)?;
+                let leases: Vec<LeaseRow> = diesel::sql_query(format!(
                 "SELECT queue, locked_by AS owner, CAST(COUNT(*) AS {int}) AS n FROM dts_outbox \
                  WHERE state = 0 AND locked_by IS NOT NULL AND {leased} AND {filter} \
                  GROUP BY queue, locked_by ORDER BY queue, locked_by",
                 int = d.int
             ))
-            .bind::<Nullable<Text>, _>(queue)
-            .bind::<Nullable<Text>, _>(queue)
-            .load(c)?;
-            let paused: Vec<PausedRow> = diesel::sql_query(format!(
-                "SELECT queue FROM dts_outbox_paused WHERE {filter} ORDER BY queue"
-            ))
-            .bind::<Nullable<Text>, _>(queue)
-            .bind::<Nullable<Text>, _>(queue)
-            .load(c)?;
-            Ok((rows, leases, paused))
-        })
-        .map_err(db_err)?;
+                .bind::<Nullable<Text>, _>(queue)
+                .bind::<Nullable<Text>, _>(queue)
+                .load(c)?;
+                let paused: Vec<PausedRow> = diesel::sql_query(format!(
+                    "SELECT queue FROM dts_outbox_paused WHERE {filter} ORDER BY queue"
+                ))
+                .bind::<Nullable<Text>, _>(queue)
+                .bind::<Nullable<Text>, _>(queue)
+                .load(c)?;
+                Ok((rows, leases, paused))
+            })
+            .map_err(db_err)?;
         let mut out: Vec<QueueStatus> = rows
             .into_iter()
             .map(|r| QueueStatus {
@@ -502,7 +508,7 @@ impl Admin {
     /// conn.run_pending_migrations(outbox::migrations::SQLITE).unwrap();
     /// assert!(Admin::dead_letters(&mut conn, None, 50)?.is_empty());
     /// # }
-    /// # Ok::<(), outbox::OutboxError>(())
+    /// # Ok::<(), diesel_transaction_signals::outbox::OutboxError>(())
     /// ```
     pub fn dead_letters<C: OutboxConnection>(
         conn: &mut C,
@@ -611,7 +617,7 @@ impl Admin {
     /// conn.run_pending_migrations(outbox::migrations::SQLITE).unwrap();
     /// assert_eq!(Admin::retry_all(&mut conn)?, 0);
     /// # }
-    /// # Ok::<(), outbox::OutboxError>(())
+    /// # Ok::<(), diesel_transaction_signals::outbox::OutboxError>(())
     /// ```
     pub fn retry_all<C: OutboxConnection>(conn: &mut C) -> Result<usize, OutboxError> {
         Self::revive(conn, None, None)
@@ -671,7 +677,7 @@ impl Admin {
     /// Admin::discard(&mut conn, id)?;
     /// assert!(matches!(Admin::discard(&mut conn, id), Err(OutboxError::JobNotFound(_))));
     /// # }
-    /// # Ok::<(), OutboxError>(())
+    /// # Ok::<(), diesel_transaction_signals::outbox::OutboxError>(())
     /// ```
     pub fn discard<C: OutboxConnection>(conn: &mut C, id: JobId) -> Result<(), OutboxError> {
         let n: usize = with_db!(conn, |c, d| {
@@ -711,7 +717,7 @@ impl Admin {
     /// let week = Duration::from_secs(7 * 24 * 3600);
     /// assert_eq!(Admin::purge_dead(&mut conn, week, None)?, 0);
     /// # }
-    /// # Ok::<(), outbox::OutboxError>(())
+    /// # Ok::<(), diesel_transaction_signals::outbox::OutboxError>(())
     /// ```
     pub fn purge_dead<C: OutboxConnection>(
         conn: &mut C,
@@ -757,7 +763,7 @@ impl Admin {
     /// Admin::reschedule(&mut conn, id, Duration::from_secs(600))?;
     /// assert_eq!(Admin::queue_status(&mut conn, "emails")?.scheduled, 1);
     /// # }
-    /// # Ok::<(), outbox::OutboxError>(())
+    /// # Ok::<(), diesel_transaction_signals::outbox::OutboxError>(())
     /// ```
     pub fn reschedule<C: OutboxConnection>(
         conn: &mut C,
@@ -811,7 +817,7 @@ impl Admin {
     /// assert!(Admin::resume(&mut conn, "emails")?);
     /// assert!(Admin::paused(&mut conn)?.is_empty());
     /// # }
-    /// # Ok::<(), outbox::OutboxError>(())
+    /// # Ok::<(), diesel_transaction_signals::outbox::OutboxError>(())
     /// ```
     pub fn pause<C: OutboxConnection>(conn: &mut C, queue: &str) -> Result<bool, OutboxError> {
         check_queue(queue)?;
@@ -844,7 +850,7 @@ impl Admin {
     /// conn.run_pending_migrations(outbox::migrations::SQLITE).unwrap();
     /// assert!(!Admin::resume(&mut conn, "emails")?);
     /// # }
-    /// # Ok::<(), outbox::OutboxError>(())
+    /// # Ok::<(), diesel_transaction_signals::outbox::OutboxError>(())
     /// ```
     pub fn resume<C: OutboxConnection>(conn: &mut C, queue: &str) -> Result<bool, OutboxError> {
         check_queue(queue)?;
@@ -879,7 +885,7 @@ impl Admin {
     /// conn.run_pending_migrations(outbox::migrations::SQLITE).unwrap();
     /// assert!(Admin::paused(&mut conn)?.is_empty());
     /// # }
-    /// # Ok::<(), outbox::OutboxError>(())
+    /// # Ok::<(), diesel_transaction_signals::outbox::OutboxError>(())
     /// ```
     pub fn paused<C: OutboxConnection>(conn: &mut C) -> Result<Vec<String>, OutboxError> {
         let rows: Vec<PausedRow> = with_db!(conn, |c, _d| {

@@ -131,7 +131,10 @@ pub enum AdminDb<'a> {
     #[cfg(feature = "mysql")]
     Mysql(&'a mut diesel::MysqlConnection),
     #[doc(hidden)]
-    _Never(std::convert::Infallible, std::marker::PhantomData<&'a mut ()>),
+    _Never(
+        std::convert::Infallible,
+        std::marker::PhantomData<&'a mut ()>,
+    ),
 }
 
 /// The claim's pause check, the same SQL on every backend.

@@ -79,9 +79,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use admin::{Admin, DeadLetter, Lease, QueueStatus};
 pub(crate) use backend::NewRow;
 pub use backend::OutboxConnection;
-pub use admin::{Admin, DeadLetter, Lease, QueueStatus};
 pub use relay::{
     Backoff, HandlerTimes, Job, JobId, QueueStats, Relay, RelayBuilder, RelayHandle, RelayStats,
 };
@@ -149,9 +149,8 @@ pub mod sql {
     /// use diesel_transaction_signals::outbox::sql;
     /// assert!(sql::POSTGRES_PAUSED_UP.contains("CREATE TABLE dts_outbox_paused"));
     /// ```
-    pub const POSTGRES_PAUSED_UP: &str = include_str!(
-        "../../migrations/outbox/postgres/2026-12-01-000200_dts_outbox_paused/up.sql"
-    );
+    pub const POSTGRES_PAUSED_UP: &str =
+        include_str!("../../migrations/outbox/postgres/2026-12-01-000200_dts_outbox_paused/up.sql");
     /// Undoes [`POSTGRES_PAUSED_UP`].
     pub const POSTGRES_PAUSED_DOWN: &str = include_str!(
         "../../migrations/outbox/postgres/2026-12-01-000200_dts_outbox_paused/down.sql"
@@ -160,9 +159,8 @@ pub mod sql {
     pub const SQLITE_PAUSED_UP: &str =
         include_str!("../../migrations/outbox/sqlite/2026-12-01-000200_dts_outbox_paused/up.sql");
     /// Undoes [`SQLITE_PAUSED_UP`].
-    pub const SQLITE_PAUSED_DOWN: &str = include_str!(
-        "../../migrations/outbox/sqlite/2026-12-01-000200_dts_outbox_paused/down.sql"
-    );
+    pub const SQLITE_PAUSED_DOWN: &str =
+        include_str!("../../migrations/outbox/sqlite/2026-12-01-000200_dts_outbox_paused/down.sql");
     /// The second migration, on MySQL / MariaDB: `dts_outbox_paused`. Apply it after
     /// [`MYSQL_UP`].
     pub const MYSQL_PAUSED_UP: &str =
