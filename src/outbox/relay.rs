@@ -991,8 +991,15 @@ where
             ) {
                 Ok(rows) => rows,
                 Err(e) => {
+                    // A database upgraded to this version without its migrations: say how to fix.
+                    let hint = if e.to_string().contains("dts_outbox_paused") {
+                        " (run the pending outbox migrations, e.g. `dts-outbox migrate`: claims \
+                         read the paused queues in dts_outbox_paused)"
+                    } else {
+                        ""
+                    };
                     log::warn!(target: "diesel_transaction_signals",
-                        "outbox relay {}: claim failed: {e}", self.name);
+                        "outbox relay {}: claim failed: {e}{hint}", self.name);
                     drop(conn);
                     wait_for_bell(seen, self.poll_interval);
                     continue;
