@@ -85,7 +85,7 @@ fn with_database(url: &str, name: &str) -> String {
 }
 
 macro_rules! cli_suite {
-    ($backend:ident, $conn:ty, $url:expr, $empty_database:expr) => {
+    ($backend:ident, $conn:ty, $url:expr, $empty_database:expr, $migrations:expr) => {
         mod $backend {
             use super::*;
             use diesel::r2d2::{ConnectionManager, Pool};
@@ -307,6 +307,45 @@ macro_rules! cli_suite {
                 assert!(status.contains("(no queues"), "{status}");
             }
 
+            /// A database made by the previous version (the first outbox migration only), with
+            /// a job in it: the tool names the missing table, `migrate` applies the one pending
+            /// migration, and a relay of this version delivers the job.
+            #[test]
+            fn a_database_of_the_previous_version_upgrades_with_migrate() {
+                use diesel_migrations::MigrationHarness;
+                let (url, _keep) = $url();
+                let (empty, _drop) = $empty_database(&url);
+                let mut conn = connect(&empty);
+                conn.run_next_migration($migrations).unwrap();
+                let q = queue("upgrade");
+                let id = conn.defer_durable(&q, &"from before").unwrap().unwrap();
+                cli(&empty, &["status"]).fails_with("dts_outbox_paused is missing");
+                assert_eq!(
+                    cli(&empty, &["dead"]).ok(),
+                    "ID  QUEUE  ATTEMPTS  CREATED  FAILED  LAST ERROR  PAYLOAD\n(no dead jobs)\n"
+                );
+                let applied = cli(&empty, &["--json", "migrate"]).json();
+                assert_eq!(applied["applied"], serde_json::json!(["20261201000200"]));
+                assert_eq!(cli(&empty, &["--json", "status", &q]).json()[0]["ready"], 1);
+                let (tx, rx) = mpsc::channel();
+                let relay = Relay::builder(
+                    Pool::builder()
+                        .max_size(2)
+                        .build(ConnectionManager::<Conn>::new(empty.clone()))
+                        .unwrap(),
+                )
+                .handler(&q, move |job| {
+                    Ok(tx.send((job.id(), job.payload::<String>()?))?)
+                })
+                .spawn()
+                .unwrap();
+                assert_eq!(
+                    rx.recv_timeout(PATIENCE).unwrap(),
+                    (id, "from before".to_owned())
+                );
+                relay.shutdown();
+            }
+
             #[test]
             fn an_unreachable_server_is_one_line() {
                 let (url, _keep) = $url();
@@ -398,19 +437,22 @@ cli_suite!(
     sqlite,
     diesel::SqliteConnection,
     crate::sqlite_url,
-    crate::sqlite_empty
+    crate::sqlite_empty,
+    diesel_transaction_signals::outbox::migrations::SQLITE
 );
 cli_suite!(
     postgres,
     diesel::PgConnection,
     crate::pg_url,
-    crate::pg_empty
+    crate::pg_empty,
+    diesel_transaction_signals::outbox::migrations::POSTGRES
 );
 cli_suite!(
     mysql,
     diesel::MysqlConnection,
     crate::mysql_url,
-    crate::mysql_empty
+    crate::mysql_empty,
+    diesel_transaction_signals::outbox::migrations::MYSQL
 );
 
 /// The commands on every queue at once, on a SQLite file of their own, through DATABASE_URL.
