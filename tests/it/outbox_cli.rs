@@ -6,7 +6,7 @@
 //! their own.
 
 #![cfg(feature = "cli")]
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -436,22 +436,22 @@ fn mysql_empty(url: &str) -> (String, DropDatabase) {
 cli_suite!(
     sqlite,
     diesel::SqliteConnection,
-    crate::sqlite_url,
-    crate::sqlite_empty,
+    super::sqlite_url,
+    super::sqlite_empty,
     diesel_transaction_signals::outbox::migrations::SQLITE
 );
 cli_suite!(
     postgres,
     diesel::PgConnection,
-    crate::pg_url,
-    crate::pg_empty,
+    super::pg_url,
+    super::pg_empty,
     diesel_transaction_signals::outbox::migrations::POSTGRES
 );
 cli_suite!(
     mysql,
     diesel::MysqlConnection,
-    crate::mysql_url,
-    crate::mysql_empty,
+    super::mysql_url,
+    super::mysql_empty,
     diesel_transaction_signals::outbox::migrations::MYSQL
 );
 

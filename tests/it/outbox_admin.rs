@@ -13,7 +13,7 @@
     feature = "postgres",
     feature = "mysql"
 ))]
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -573,15 +573,15 @@ fn nothing<C>(_: &mut C) {}
 admin_suite!(
     sqlite,
     diesel::SqliteConnection,
-    crate::sqlite_db,
-    crate::busy_timeout
+    super::sqlite_db,
+    super::busy_timeout
 );
-admin_suite!(postgres, diesel::PgConnection, crate::pg_db, crate::nothing);
+admin_suite!(postgres, diesel::PgConnection, super::pg_db, super::nothing);
 admin_suite!(
     mysql,
     diesel::MysqlConnection,
-    crate::mysql_db,
-    crate::nothing
+    super::mysql_db,
+    super::nothing
 );
 
 /// The operations on every queue at once, on a database of their own.
