@@ -234,6 +234,28 @@ pub enum OutboxError {
     /// ```
     Spawn(std::io::Error),
     /// An [`Admin`] operation named a queue that has no jobs and is not paused.
+    ///
+    /// The operations on one job say what stopped them, so a caller can tell "try later" from
+    /// "nothing to do":
+    ///
+    /// ```
+    /// use diesel_transaction_signals::outbox::{Admin, JobId, OutboxError};
+    ///
+    /// fn retry_later(e: &OutboxError) -> bool {
+    ///     matches!(e, OutboxError::JobRunning(_))
+    /// }
+    /// fn nothing_to_do(e: &OutboxError) -> bool {
+    ///     matches!(e, OutboxError::JobNotFound(_) | OutboxError::JobNotDead(_)
+    ///         | OutboxError::JobDead(_) | OutboxError::UnknownQueue(_))
+    /// }
+    /// let running = OutboxError::JobRunning(JobId::new(7));
+    /// assert!(retry_later(&running) && !nothing_to_do(&running));
+    /// assert_eq!(
+    ///     OutboxError::UnknownQueue("emails".into()).to_string(),
+    ///     "unknown queue \"emails\": it has no jobs and is not paused"
+    /// );
+    /// # let _ = Admin;
+    /// ```
     UnknownQueue(String),
     /// An [`Admin`] operation named a job that is not in the outbox (delivered, discarded, or
     /// never there).

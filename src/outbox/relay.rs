@@ -351,6 +351,13 @@ pub struct HandlerTimes {
 
 impl HandlerTimes {
     /// The buckets' upper bounds: 1 ms, 5 ms, 25 ms, 100 ms, 500 ms, 2.5 s, 10 s (and above).
+    ///
+    /// ```
+    /// use diesel_transaction_signals::outbox::HandlerTimes;
+    /// use std::time::Duration;
+    /// assert_eq!(HandlerTimes::BOUNDS[0], Duration::from_millis(1));
+    /// assert_eq!(HandlerTimes::BOUNDS[6], Duration::from_secs(10));
+    /// ```
     pub const BOUNDS: [Duration; 7] = [
         Duration::from_millis(1),
         Duration::from_millis(5),
