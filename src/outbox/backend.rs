@@ -83,6 +83,9 @@ pub trait OutboxConnection: Connection + sealed::Sealed + Send + 'static {
         }
         Ok(written)
     }
+    /// Leases up to `limit` due rows of the queues in `queues_json` that are not paused
+    /// (`dts_outbox_paused`, checked in the same statement: a pause takes effect at the next
+    /// claim).
     #[doc(hidden)]
     fn outbox_claim(
         &mut self,
@@ -91,6 +94,9 @@ pub trait OutboxConnection: Connection + sealed::Sealed + Send + 'static {
         limit: i64,
         lease_ms: i64,
     ) -> QueryResult<Vec<ClaimedRow>>;
+    /// The concrete connection, for the operations of [`Admin`](super::Admin).
+    #[doc(hidden)]
+    fn outbox_admin(&mut self) -> QueryResult<AdminDb<'_>>;
     /// Deletes the rows of `ids` still leased to `owner` (a worker's lease owner); returns how
     /// many it deleted. A row whose lease expired and which another worker claimed since is
     /// left to that worker.
@@ -111,6 +117,32 @@ pub trait OutboxConnection: Connection + sealed::Sealed + Send + 'static {
     fn outbox_release(&mut self, owner: &str, ids: &[i64]) -> QueryResult<()>;
     #[doc(hidden)]
     fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>>;
+}
+
+/// The concrete connection under an [`OutboxConnection`], for the SQL of
+/// [`Admin`](super::Admin).
+#[doc(hidden)]
+#[allow(missing_debug_implementations)]
+pub enum AdminDb<'a> {
+    #[cfg(feature = "postgres")]
+    Pg(&'a mut diesel::PgConnection),
+    #[cfg(feature = "sqlite")]
+    Sqlite(&'a mut diesel::SqliteConnection),
+    #[cfg(feature = "mysql")]
+    Mysql(&'a mut diesel::MysqlConnection),
+    #[doc(hidden)]
+    _Never(
+        std::convert::Infallible,
+        std::marker::PhantomData<&'a mut ()>,
+    ),
+}
+
+/// The claim's pause check, the same SQL on every backend.
+#[allow(unused_macros)]
+macro_rules! not_paused {
+    () => {
+        "AND NOT EXISTS (SELECT 1 FROM dts_outbox_paused p WHERE p.queue = dts_outbox.queue) "
+    };
 }
 
 /// `DELETE` of delivered rows still leased to the owner bound as `?` (SQLite and MySQL;
@@ -154,6 +186,10 @@ impl<C: OutboxConnection> OutboxConnection for SignalConnection<C> {
     ) -> QueryResult<Vec<ClaimedRow>> {
         self.inner_mut()
             .outbox_claim(owner, queues_json, limit, lease_ms)
+    }
+    fn outbox_admin(&mut self) -> QueryResult<AdminDb<'_>> {
+        self.check_transaction()?;
+        self.inner_mut().outbox_admin()
     }
     fn outbox_complete(&mut self, owner: &str, ids: &[i64]) -> QueryResult<usize> {
         self.inner_mut().outbox_complete(owner, ids)
@@ -301,6 +337,7 @@ mod pg {
             ", attempts = attempts + 1 WHERE id = ANY(ARRAY(SELECT id FROM dts_outbox ",
             "WHERE state = 0 AND run_at <= ", now_ms!(),
             " AND (locked_until IS NULL OR locked_until < ", now_ms!(), ") ",
+            not_paused!(),
             "AND queue = ANY(ARRAY(SELECT jsonb_array_elements_text("
         ),
         (Text, queues_json), "::jsonb))) ORDER BY run_at, id LIMIT ", (BigInt, limit),
@@ -365,6 +402,10 @@ mod pg {
                 limit,
             }
             .load(self)
+        }
+
+        fn outbox_admin(&mut self) -> QueryResult<AdminDb<'_>> {
+            Ok(AdminDb::Pg(self))
         }
 
         fn outbox_fail(
@@ -462,15 +503,20 @@ mod sqlite {
                  WHERE id IN (SELECT id FROM dts_outbox \
                    WHERE state = 0 AND run_at <= {NOW_MS} \
                    AND (locked_until IS NULL OR locked_until < {NOW_MS}) \
-                   AND queue IN (SELECT value FROM json_each(?)) \
+                   AND queue IN (SELECT value FROM json_each(?)) {} \
                    ORDER BY run_at, id LIMIT ?) \
-                 RETURNING id, queue, payload, attempts, max_attempts, idempotency_key, run_at"
+                 RETURNING id, queue, payload, attempts, max_attempts, idempotency_key, run_at",
+                not_paused!()
             ))
             .bind::<BigInt, _>(lease_ms)
             .bind::<Text, _>(owner)
             .bind::<Text, _>(queues_json)
             .bind::<BigInt, _>(limit)
             .load(self)
+        }
+
+        fn outbox_admin(&mut self) -> QueryResult<AdminDb<'_>> {
+            Ok(AdminDb::Sqlite(self))
         }
 
         question_mark_fail_and_release!();
@@ -544,8 +590,9 @@ mod mysql {
                 let ids: Vec<Id> = diesel::sql_query(format!(
                     "SELECT id FROM dts_outbox WHERE state = 0 AND run_at <= {NOW_MS} \
                      AND (locked_until IS NULL OR locked_until < {NOW_MS}) \
-                     AND JSON_CONTAINS(?, JSON_QUOTE(queue)) \
-                     ORDER BY run_at, id LIMIT ? FOR UPDATE SKIP LOCKED"
+                     AND JSON_CONTAINS(?, JSON_QUOTE(queue)) {} \
+                     ORDER BY run_at, id LIMIT ? FOR UPDATE SKIP LOCKED",
+                    not_paused!()
                 ))
                 .bind::<Text, _>(queues_json)
                 .bind::<BigInt, _>(limit)
@@ -568,6 +615,10 @@ mod mysql {
                 .load(conn)
             };
             self.transaction(claim)
+        }
+
+        fn outbox_admin(&mut self) -> QueryResult<AdminDb<'_>> {
+            Ok(AdminDb::Mysql(self))
         }
 
         question_mark_fail_and_release!();

@@ -66,6 +66,7 @@
 //! # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
 //! ```
 
+mod admin;
 mod backend;
 #[cfg(feature = "outbox-listen")]
 mod listen;
@@ -78,9 +79,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use admin::{Admin, DeadLetter, Lease, QueueStatus};
 pub(crate) use backend::NewRow;
 pub use backend::OutboxConnection;
-pub use relay::{Backoff, Job, JobId, Relay, RelayBuilder, RelayHandle, RelayStats};
+pub use relay::{
+    Backoff, HandlerTimes, Job, JobId, QueueStats, Relay, RelayBuilder, RelayHandle, RelayStats,
+};
 
 use crate::{DeferError, PreCommitConnection, SignalConnection};
 
@@ -100,6 +104,10 @@ pub mod migrations {
     use diesel_migrations::{embed_migrations, EmbeddedMigrations};
 
     /// For PostgreSQL (adds the `NOTIFY` trigger that wakes relays in other processes).
+    ///
+    /// Each set holds the table's creation and, since the operations of
+    /// [`Admin`](super::Admin), `dts_outbox_paused` (paused queues; relays read it at every
+    /// claim, so run the pending migrations before relays of this version start).
     pub const POSTGRES: EmbeddedMigrations = embed_migrations!("migrations/outbox/postgres");
     /// For SQLite.
     pub const SQLITE: EmbeddedMigrations = embed_migrations!("migrations/outbox/sqlite");
@@ -133,6 +141,33 @@ pub mod sql {
     /// Drops it on MySQL / MariaDB.
     pub const MYSQL_DOWN: &str =
         include_str!("../../migrations/outbox/mysql/2026-11-26-000100_create_dts_outbox/down.sql");
+
+    /// The second migration, on PostgreSQL: the paused-queues table `dts_outbox_paused` (read
+    /// by every claim) and an index of dead letters. Apply it after [`POSTGRES_UP`].
+    ///
+    /// ```
+    /// use diesel_transaction_signals::outbox::sql;
+    /// assert!(sql::POSTGRES_PAUSED_UP.contains("CREATE TABLE dts_outbox_paused"));
+    /// ```
+    pub const POSTGRES_PAUSED_UP: &str =
+        include_str!("../../migrations/outbox/postgres/2026-12-01-000200_dts_outbox_paused/up.sql");
+    /// Undoes [`POSTGRES_PAUSED_UP`].
+    pub const POSTGRES_PAUSED_DOWN: &str = include_str!(
+        "../../migrations/outbox/postgres/2026-12-01-000200_dts_outbox_paused/down.sql"
+    );
+    /// The second migration, on SQLite: `dts_outbox_paused`. Apply it after [`SQLITE_UP`].
+    pub const SQLITE_PAUSED_UP: &str =
+        include_str!("../../migrations/outbox/sqlite/2026-12-01-000200_dts_outbox_paused/up.sql");
+    /// Undoes [`SQLITE_PAUSED_UP`].
+    pub const SQLITE_PAUSED_DOWN: &str =
+        include_str!("../../migrations/outbox/sqlite/2026-12-01-000200_dts_outbox_paused/down.sql");
+    /// The second migration, on MySQL / MariaDB: `dts_outbox_paused`. Apply it after
+    /// [`MYSQL_UP`].
+    pub const MYSQL_PAUSED_UP: &str =
+        include_str!("../../migrations/outbox/mysql/2026-12-01-000200_dts_outbox_paused/up.sql");
+    /// Undoes [`MYSQL_PAUSED_UP`].
+    pub const MYSQL_PAUSED_DOWN: &str =
+        include_str!("../../migrations/outbox/mysql/2026-12-01-000200_dts_outbox_paused/down.sql");
 }
 
 /// Why a durable job could not be enqueued, or a [`Relay`] could not start.
@@ -162,7 +197,7 @@ pub mod sql {
 pub enum OutboxError {
     /// The payload could not be serialized to JSON.
     Serialize(serde_json::Error),
-    /// The database refused the row.
+    /// The database refused the row, or an [`Admin`] operation's statement.
     Database(diesel::result::Error),
     /// Queue names are 1 to 191 characters of `A-Z a-z 0-9 _ - . :`.
     InvalidQueue(String),
@@ -198,13 +233,59 @@ pub enum OutboxError {
     /// # let _ = out_of_threads;
     /// ```
     Spawn(std::io::Error),
+    /// An [`Admin`] operation named a queue that has no jobs and is not paused.
+    ///
+    /// The operations on one job say what stopped them, so a caller can tell "try later" from
+    /// "nothing to do":
+    ///
+    /// ```
+    /// use diesel_transaction_signals::outbox::{Admin, JobId, OutboxError};
+    ///
+    /// fn retry_later(e: &OutboxError) -> bool {
+    ///     matches!(e, OutboxError::JobRunning(_))
+    /// }
+    /// fn nothing_to_do(e: &OutboxError) -> bool {
+    ///     matches!(e, OutboxError::JobNotFound(_) | OutboxError::JobNotDead(_)
+    ///         | OutboxError::JobDead(_) | OutboxError::UnknownQueue(_))
+    /// }
+    /// let running = OutboxError::JobRunning(JobId::new(7));
+    /// assert!(retry_later(&running) && !nothing_to_do(&running));
+    /// assert_eq!(
+    ///     OutboxError::UnknownQueue("emails".into()).to_string(),
+    ///     "unknown queue \"emails\": it has no jobs and is not paused"
+    /// );
+    /// # let _ = Admin;
+    /// ```
+    UnknownQueue(String),
+    /// An [`Admin`] operation named a job that is not in the outbox (delivered, discarded, or
+    /// never there).
+    JobNotFound(JobId),
+    /// An [`Admin`] operation named a job a relay holds a live lease on (it is running, or
+    /// claimed in a batch about to run): nothing was changed. Try again once it finished.
+    JobRunning(JobId),
+    /// [`Admin::retry`] named a job that is pending, not dead-lettered.
+    JobNotDead(JobId),
+    /// [`Admin::reschedule`] named a dead-lettered job: [`Admin::retry`] it instead.
+    JobDead(JobId),
+    /// The outbox table named here is missing: run the outbox [`migrations`] (or
+    /// `dts-outbox migrate`).
+    ///
+    /// ```
+    /// use diesel_transaction_signals::outbox::OutboxError;
+    /// let e = OutboxError::NotMigrated("dts_outbox_paused".into());
+    /// assert_eq!(
+    ///     e.to_string(),
+    ///     "table dts_outbox_paused is missing: run the outbox migrations (dts-outbox migrate)"
+    /// );
+    /// ```
+    NotMigrated(String),
 }
 
 impl fmt::Display for OutboxError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             OutboxError::Serialize(e) => write!(f, "durable job payload cannot be serialized: {e}"),
-            OutboxError::Database(e) => write!(f, "durable job could not be written: {e}"),
+            OutboxError::Database(e) => write!(f, "outbox database statement failed: {e}"),
             OutboxError::InvalidQueue(q) => write!(
                 f,
                 "invalid queue name {q:?}: use 1 to 191 characters of A-Z a-z 0-9 _ - . :"
@@ -219,6 +300,24 @@ impl fmt::Display for OutboxError {
                 "a relay needs at least one handler: call RelayBuilder::handler before spawn",
             ),
             OutboxError::Spawn(e) => write!(f, "the relay could not start a thread: {e}"),
+            OutboxError::UnknownQueue(q) => {
+                write!(f, "unknown queue {q:?}: it has no jobs and is not paused")
+            }
+            OutboxError::JobNotFound(id) => write!(f, "job {id} is not in the outbox"),
+            OutboxError::JobRunning(id) => write!(
+                f,
+                "job {id} is leased by a relay (running): nothing was changed, try again once it finished"
+            ),
+            OutboxError::JobNotDead(id) => {
+                write!(f, "job {id} is pending, not dead-lettered: nothing to retry")
+            }
+            OutboxError::JobDead(id) => {
+                write!(f, "job {id} is dead-lettered: retry it instead of rescheduling")
+            }
+            OutboxError::NotMigrated(table) => write!(
+                f,
+                "table {table} is missing: run the outbox migrations (dts-outbox migrate)"
+            ),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The relay: claims due jobs with a lease, runs their handlers, deletes what succeeded,
 //! retries what failed, and moves what keeps failing to the dead-letter state.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +27,18 @@ use crate::report::panic_message;
 pub struct JobId(pub(crate) i64);
 
 impl JobId {
+    /// The id of the row `id`, e.g. one read from [`DeadLetter::id`](super::DeadLetter) or
+    /// typed by an operator, for the operations of [`Admin`](super::Admin).
+    ///
+    /// ```
+    /// use diesel_transaction_signals::outbox::JobId;
+    /// assert_eq!(JobId::new(42).get(), 42);
+    /// assert_eq!(JobId::from(42), JobId::new(42));
+    /// ```
+    pub fn new(id: i64) -> Self {
+        JobId(id)
+    }
+
     /// The row id.
     ///
     /// ```
@@ -36,6 +48,12 @@ impl JobId {
     /// ```
     pub fn get(self) -> i64 {
         self.0
+    }
+}
+
+impl From<i64> for JobId {
+    fn from(id: i64) -> Self {
+        JobId(id)
     }
 }
 
@@ -243,7 +261,8 @@ impl Backoff {
     }
 }
 
-/// Counters of a relay, for monitoring and tests.
+/// Counters of a relay, for monitoring and tests; per queue, with handler times, in
+/// [`RelayHandle::queue_stats`].
 ///
 /// ```
 /// # use diesel_transaction_signals::outbox::RelayStats;
@@ -253,6 +272,11 @@ impl Backoff {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RelayStats {
+    /// Handler runs (attempts) started, whatever their outcome.
+    pub run: u64,
+    /// Handler runs that returned `Err` or panicked (each is then retried, dead-lettered, or
+    /// left to the worker that took the row over after the lease expired).
+    pub failed: u64,
     /// Jobs whose handler succeeded and whose row was deleted.
     pub delivered: u64,
     /// Failed attempts (handler `Err` or panic) that will be retried.
@@ -265,8 +289,134 @@ pub struct RelayStats {
     pub released: u64,
 }
 
+/// The counters of one queue of a relay ([`RelayHandle::queue_stats`]): what a service exports
+/// as metrics, labelled by queue.
+///
+/// ```
+/// # use diesel_transaction_signals::outbox::QueueStats;
+/// fn error_ratio(q: &QueueStats) -> f64 { q.failed as f64 / q.run.max(1) as f64 }
+/// # let _ = error_ratio;
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// Handler runs (attempts) started.
+    pub run: u64,
+    /// Jobs whose handler succeeded and whose row this relay deleted.
+    pub delivered: u64,
+    /// Handler runs that returned `Err` or panicked.
+    pub failed: u64,
+    /// Failed attempts scheduled for a retry.
+    pub retried: u64,
+    /// Jobs moved to the dead-letter state.
+    pub dead: u64,
+    /// How long the handler took, successful or not.
+    pub handler_time: HandlerTimes,
+}
+
+/// Handler durations of one queue: count, sum, maximum, and a fixed histogram whose bucket `i`
+/// counts the runs that took at most [`HandlerTimes::BOUNDS`]`[i]` and more than the bound
+/// before it (not cumulative); the last bucket counts the runs above the last bound.
+///
+/// ```
+/// use diesel_transaction_signals::outbox::HandlerTimes;
+/// use std::time::Duration;
+///
+/// fn mean(t: &HandlerTimes) -> Option<Duration> {
+///     (t.count > 0).then(|| t.sum / t.count as u32)
+/// }
+/// // Prometheus-style cumulative buckets:
+/// fn cumulative(t: &HandlerTimes) -> Vec<(Option<Duration>, u64)> {
+///     let mut total = 0;
+///     t.buckets.iter().enumerate().map(|(i, n)| {
+///         total += n;
+///         (HandlerTimes::BOUNDS.get(i).copied(), total) // None: +Inf
+///     }).collect()
+/// }
+/// assert_eq!(HandlerTimes::default().buckets.len(), HandlerTimes::BOUNDS.len() + 1);
+/// # let _ = (mean, cumulative);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HandlerTimes {
+    /// Runs measured.
+    pub count: u64,
+    /// Their total duration.
+    pub sum: Duration,
+    /// The longest one.
+    pub max: Duration,
+    /// Runs per duration bucket (see [`HandlerTimes::BOUNDS`]).
+    pub buckets: [u64; 8],
+}
+
+impl HandlerTimes {
+    /// The buckets' upper bounds: 1 ms, 5 ms, 25 ms, 100 ms, 500 ms, 2.5 s, 10 s (and above).
+    ///
+    /// ```
+    /// use diesel_transaction_signals::outbox::HandlerTimes;
+    /// use std::time::Duration;
+    /// assert_eq!(HandlerTimes::BOUNDS[0], Duration::from_millis(1));
+    /// assert_eq!(HandlerTimes::BOUNDS[6], Duration::from_secs(10));
+    /// ```
+    pub const BOUNDS: [Duration; 7] = [
+        Duration::from_millis(1),
+        Duration::from_millis(5),
+        Duration::from_millis(25),
+        Duration::from_millis(100),
+        Duration::from_millis(500),
+        Duration::from_millis(2500),
+        Duration::from_secs(10),
+    ];
+}
+
+#[derive(Default)]
+struct QueueCounters {
+    run: AtomicU64,
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    retried: AtomicU64,
+    dead: AtomicU64,
+    time_count: AtomicU64,
+    time_sum_ns: AtomicU64,
+    time_max_ns: AtomicU64,
+    buckets: [AtomicU64; 8],
+}
+
+impl QueueCounters {
+    fn timed(&self, took: Duration) {
+        let ns = took.as_nanos().min(u64::MAX as u128) as u64;
+        self.time_count.fetch_add(1, Ordering::Relaxed);
+        self.time_sum_ns.fetch_add(ns, Ordering::Relaxed);
+        self.time_max_ns.fetch_max(ns, Ordering::Relaxed);
+        let bucket = HandlerTimes::BOUNDS
+            .iter()
+            .position(|b| took <= *b)
+            .unwrap_or(HandlerTimes::BOUNDS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> QueueStats {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        QueueStats {
+            run: load(&self.run),
+            delivered: load(&self.delivered),
+            failed: load(&self.failed),
+            retried: load(&self.retried),
+            dead: load(&self.dead),
+            handler_time: HandlerTimes {
+                count: load(&self.time_count),
+                sum: Duration::from_nanos(load(&self.time_sum_ns)),
+                max: Duration::from_nanos(load(&self.time_max_ns)),
+                buckets: std::array::from_fn(|i| load(&self.buckets[i])),
+            },
+        }
+    }
+}
+
 #[derive(Default)]
 struct Counters {
+    run: AtomicU64,
+    failed: AtomicU64,
     delivered: AtomicU64,
     retried: AtomicU64,
     dead: AtomicU64,
@@ -277,6 +427,8 @@ struct Counters {
 struct Shared {
     stop: AtomicBool,
     counters: Counters,
+    /// One entry per handled queue, made at spawn (so counting takes no lock).
+    queues: HashMap<String, QueueCounters>,
 }
 
 /// Entry point: `Relay::builder(pool)`; see [`RelayBuilder`].
@@ -607,6 +759,11 @@ where
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             counters: Counters::default(),
+            queues: self
+                .handlers
+                .keys()
+                .map(|q| (q.clone(), QueueCounters::default()))
+                .collect(),
         });
         let worker = Arc::new(Worker {
             pool: self.pool,
@@ -714,12 +871,42 @@ impl RelayHandle {
     pub fn stats(&self) -> RelayStats {
         let c = &self.shared.counters;
         RelayStats {
+            run: c.run.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
             delivered: c.delivered.load(Ordering::Relaxed),
             retried: c.retried.load(Ordering::Relaxed),
             dead: c.dead.load(Ordering::Relaxed),
             unknown_queue_rows: c.unknown.load(Ordering::Relaxed),
             released: c.released.load(Ordering::Relaxed),
         }
+    }
+
+    /// The counters of each queue this relay handles (every queue it has a handler for, even
+    /// before its first job): jobs run, delivered, failed, retried, dead-lettered, and how long
+    /// the handler took.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// # use diesel::r2d2::{ConnectionManager, Pool};
+    /// # use diesel_transaction_signals::outbox::Relay;
+    /// # use diesel_migrations::MigrationHarness;
+    /// # let pool = Pool::builder().max_size(1).build(ConnectionManager::<diesel::SqliteConnection>::new(":memory:")).unwrap();
+    /// # pool.get().unwrap().run_pending_migrations(diesel_transaction_signals::outbox::migrations::SQLITE).unwrap();
+    /// let relay = Relay::builder(pool).handler("emails", |_| Ok(())).spawn().unwrap();
+    /// for (queue, q) in relay.queue_stats() {
+    ///     println!("outbox_jobs_run_total{{queue={queue:?}}} {}", q.run);
+    ///     println!("outbox_handler_seconds_sum{{queue={queue:?}}} {}", q.handler_time.sum.as_secs_f64());
+    /// }
+    /// assert_eq!(relay.queue_stats()["emails"].run, 0);
+    /// relay.shutdown();
+    /// # }
+    /// ```
+    pub fn queue_stats(&self) -> BTreeMap<String, QueueStats> {
+        self.shared
+            .queues
+            .iter()
+            .map(|(q, c)| (q.clone(), c.snapshot()))
+            .collect()
     }
 
     /// Asks the workers to stop without waiting: each finishes the job it is running and
@@ -811,8 +998,15 @@ where
             ) {
                 Ok(rows) => rows,
                 Err(e) => {
+                    // A database upgraded to this version without its migrations: say how to fix.
+                    let hint = if e.to_string().contains("dts_outbox_paused") {
+                        " (run the pending outbox migrations, e.g. `dts-outbox migrate`: claims \
+                         read the paused queues in dts_outbox_paused)"
+                    } else {
+                        ""
+                    };
                     log::warn!(target: "diesel_transaction_signals",
-                        "outbox relay {}: claim failed: {e}", self.name);
+                        "outbox relay {}: claim failed: {e}{hint}", self.name);
                     drop(conn);
                     wait_for_bell(seen, self.poll_interval);
                     continue;
@@ -860,25 +1054,53 @@ where
                 let _ = conn.outbox_release(owner, &[job.id.0]);
                 continue;
             };
+            let counters = self.shared.queues.get(job.queue());
+            self.shared.counters.run.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
             let outcome = match catch_unwind(AssertUnwindSafe(|| handler(&job))) {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(panic) => Err(format!("handler panicked: {}", panic_message(&*panic))),
             };
+            if let Some(c) = counters {
+                c.run.fetch_add(1, Ordering::Relaxed);
+                c.timed(started.elapsed());
+            }
             match outcome {
-                Ok(()) => done.push(job.id.0),
-                Err(error) => self.fail(conn, owner, &job, &error, rng),
+                Ok(()) => done.push((job.id.0, job.queue)),
+                Err(error) => {
+                    self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    if let Some(c) = counters {
+                        c.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.fail(conn, owner, &job, &error, rng)
+                }
             }
         }
         if done.is_empty() {
             return;
         }
-        match conn.outbox_complete(owner, &done) {
+        let ids: Vec<i64> = done.iter().map(|(id, _)| *id).collect();
+        match conn.outbox_complete(owner, &ids) {
             Ok(deleted) => {
                 self.shared
                     .counters
                     .delivered
                     .fetch_add(deleted as u64, Ordering::Relaxed);
+                // Per queue: exact when every row was deleted or the batch is one queue's; a
+                // mixed batch some of whose rows another worker took over counts in the totals
+                // only (which rows were deleted is not known).
+                if deleted == done.len() {
+                    for (_, queue) in &done {
+                        if let Some(c) = self.shared.queues.get(queue) {
+                            c.delivered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                } else if done.iter().all(|(_, q)| *q == done[0].1) {
+                    if let Some(c) = self.shared.queues.get(&done[0].1) {
+                        c.delivered.fetch_add(deleted as u64, Ordering::Relaxed);
+                    }
+                }
                 if deleted < done.len() {
                     log::warn!(target: "diesel_transaction_signals",
                         "outbox relay {}: {} of {} succeeded jobs were no longer leased to this \
@@ -896,7 +1118,12 @@ where
     fn fail(&self, conn: &mut C, owner: &str, job: &Job, error: &str, rng: &mut fastrand::Rng) {
         let dead = job.attempt >= job.max_attempts;
         let delay = self.backoff.jittered(job.attempt, rng.f64());
-        let delay_ms = delay.as_millis().min(i64::MAX as u128) as i64;
+        // A dead row's `run_at` records when it died (`Admin::purge_dead` ages it by that).
+        let delay_ms = if dead {
+            0
+        } else {
+            delay.as_millis().min(i64::MAX as u128) as i64
+        };
         match conn.outbox_fail(owner, job.id.0, error, delay_ms, dead) {
             Ok(true) => {}
             Ok(false) => {
@@ -913,13 +1140,20 @@ where
                 return;
             }
         }
+        let counters = self.shared.queues.get(job.queue());
         if dead {
             self.shared.counters.dead.fetch_add(1, Ordering::Relaxed);
+            if let Some(c) = counters {
+                c.dead.fetch_add(1, Ordering::Relaxed);
+            }
             log::error!(target: "diesel_transaction_signals",
                 "outbox relay {}: job {} ({}) failed attempt {}/{} and is dead-lettered: {error}",
                 self.name, job.id, job.queue, job.attempt, job.max_attempts);
         } else {
             self.shared.counters.retried.fetch_add(1, Ordering::Relaxed);
+            if let Some(c) = counters {
+                c.retried.fetch_add(1, Ordering::Relaxed);
+            }
             log::warn!(target: "diesel_transaction_signals",
                 "outbox relay {}: job {} ({}) failed attempt {}/{}, retrying in {delay:?}: {error}",
                 self.name, job.id, job.queue, job.attempt, job.max_attempts);

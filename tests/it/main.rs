@@ -22,6 +22,8 @@ mod faults;
 mod model;
 mod mysql;
 mod outbox;
+mod outbox_admin;
+mod outbox_cli;
 mod pool;
 mod pool_stress;
 mod postgres;

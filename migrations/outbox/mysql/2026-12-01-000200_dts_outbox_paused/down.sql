@@ -1,0 +1,1 @@
+DROP TABLE dts_outbox_paused;
