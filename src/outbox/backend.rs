@@ -354,6 +354,27 @@ mod pg {
         ") ON CONFLICT (queue, idempotency_key) DO NOTHING RETURNING id",
     ]);
 
+    // A row without an idempotency key can never conflict (NULLs are distinct in the unique
+    // index): a plain INSERT, without ON CONFLICT's speculative insertion.
+    cached_statement!(InsertNoKey { queue: &'a str, payload: &'a str, max_attempts: i32,
+                                    delay_ms: i64 } => [
+        "INSERT INTO dts_outbox (queue, payload, max_attempts, run_at) VALUES (",
+        (Text, queue), ", ", (Text, payload), ", ",
+        (Integer, max_attempts), concat!(", ", now_ms!(), " + "), (BigInt, delay_ms),
+        ") RETURNING id",
+    ]);
+
+    cached_statement!(InsertManyNoKey { queues: Vec<&'a str>, payloads: Vec<&'a str>,
+                                        max_attempts: Vec<i32>, delays_ms: Vec<i64> } => [
+        concat!(
+            "INSERT INTO dts_outbox (queue, payload, max_attempts, run_at) ",
+            "SELECT q, p, m, ", now_ms!(), " + d FROM unnest("
+        ),
+        (Array<Text>, queues), ", ", (Array<Text>, payloads), ", ",
+        (Array<Integer>, max_attempts), ", ", (Array<BigInt>, delays_ms),
+        ") WITH ORDINALITY AS t (q, p, m, d, n) ORDER BY n",
+    ]);
+
     cached_statement!(InsertMany { queues: Vec<&'a str>, payloads: Vec<&'a str>,
                                    keys: Vec<Option<&'a str>>, max_attempts: Vec<i32>,
                                    delays_ms: Vec<i64> } => [
@@ -403,6 +424,16 @@ mod pg {
         }
 
         fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
+            if row.idempotency_key.is_none() {
+                let id: Id = InsertNoKey {
+                    queue: &row.queue,
+                    payload: &row.payload,
+                    max_attempts: row.max_attempts,
+                    delay_ms: row.delay_ms,
+                }
+                .get_result(self)?;
+                return Ok(Some(id.id));
+            }
             let ids: Vec<Id> = Insert {
                 queue: &row.queue,
                 payload: &row.payload,
@@ -417,6 +448,15 @@ mod pg {
         fn outbox_insert_many(&mut self, rows: &[NewRow]) -> QueryResult<usize> {
             if rows.is_empty() {
                 return Ok(0);
+            }
+            if rows.iter().all(|r| r.idempotency_key.is_none()) {
+                return InsertManyNoKey {
+                    queues: rows.iter().map(|r| r.queue.as_str()).collect(),
+                    payloads: rows.iter().map(|r| r.payload.as_str()).collect(),
+                    max_attempts: rows.iter().map(|r| r.max_attempts).collect(),
+                    delays_ms: rows.iter().map(|r| r.delay_ms).collect(),
+                }
+                .execute(self);
             }
             InsertMany {
                 queues: rows.iter().map(|r| r.queue.as_str()).collect(),
@@ -507,6 +547,19 @@ mod sqlite {
 
     multi_insert_for!(diesel::sqlite::Sqlite, SqliteConnection);
 
+    static INSERT_UNKEYED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "INSERT INTO dts_outbox (queue, payload, idempotency_key, max_attempts, run_at) \
+             VALUES (?, ?, ?, ?, {NOW_MS} + ?) RETURNING id"
+        )
+    });
+    static INSERT_KEYED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "{} ON CONFLICT (queue, idempotency_key) DO NOTHING RETURNING id",
+            INSERT_UNKEYED.trim_end_matches(" RETURNING id")
+        )
+    });
+
     impl sealed::Sealed for SqliteConnection {}
 
     impl OutboxConnection for SqliteConnection {
@@ -520,17 +573,19 @@ mod sqlite {
         }
 
         fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
-            let ids: Vec<Id> = diesel::sql_query(format!(
-                "INSERT INTO dts_outbox (queue, payload, idempotency_key, max_attempts, run_at) \
-                 VALUES (?, ?, ?, ?, {NOW_MS} + ?) \
-                 ON CONFLICT (queue, idempotency_key) DO NOTHING RETURNING id"
-            ))
-            .bind::<Text, _>(&row.queue)
-            .bind::<Text, _>(&row.payload)
-            .bind::<Nullable<Text>, _>(&row.idempotency_key)
-            .bind::<Integer, _>(row.max_attempts)
-            .bind::<BigInt, _>(row.delay_ms)
-            .load(self)?;
+            // Without a key the row cannot conflict: no ON CONFLICT clause then.
+            let sql = if row.idempotency_key.is_some() {
+                INSERT_KEYED.as_str()
+            } else {
+                INSERT_UNKEYED.as_str()
+            };
+            let ids: Vec<Id> = diesel::sql_query(sql)
+                .bind::<Text, _>(&row.queue)
+                .bind::<Text, _>(&row.payload)
+                .bind::<Nullable<Text>, _>(&row.idempotency_key)
+                .bind::<Integer, _>(row.max_attempts)
+                .bind::<BigInt, _>(row.delay_ms)
+                .load(self)?;
             Ok(ids.first().map(|r| r.id))
         }
 
@@ -540,10 +595,15 @@ mod sqlite {
             let mut rest = rows;
             while !rest.is_empty() {
                 let chunk = &rest[..rest.len().min(per_statement)];
+                let keyed = chunk.iter().any(|r| r.idempotency_key.is_some());
                 let inserted = MultiInsert {
                     rows: chunk,
                     now_ms: NOW_MS,
-                    tail: " ON CONFLICT (queue, idempotency_key) DO NOTHING",
+                    tail: if keyed {
+                        " ON CONFLICT (queue, idempotency_key) DO NOTHING"
+                    } else {
+                        ""
+                    },
                 }
                 .execute(self);
                 match inserted {
