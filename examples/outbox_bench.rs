@@ -202,10 +202,11 @@ mod bench {
         let t = (b.total - a.total).max(1) as f64;
         let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let pct = |x: u64| (100.0 * x as f64 / t * ncpu).round() as i64;
+        // saturating: a process that exits between the snapshots takes its jiffies with it
         json!({
-            "machine_busy_pct_of_1core": pct(b.busy - a.busy),
-            "postgres_pct_of_1core": pct(b.pg - a.pg),
-            "ours_pct_of_1core": pct(b.ours - a.ours),
+            "machine_busy_pct_of_1core": pct(b.busy.saturating_sub(a.busy)),
+            "postgres_pct_of_1core": pct(b.pg.saturating_sub(a.pg)),
+            "ours_pct_of_1core": pct(b.ours.saturating_sub(a.ours)),
         })
     }
 

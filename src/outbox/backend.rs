@@ -364,6 +364,15 @@ mod pg {
         ") RETURNING id",
     ]);
 
+    // The same without RETURNING, for a batch of one (the id is not wanted there).
+    cached_statement!(InsertOneNoKey { queue: &'a str, payload: &'a str, max_attempts: i32,
+                                       delay_ms: i64 } => [
+        "INSERT INTO dts_outbox (queue, payload, max_attempts, run_at) VALUES (",
+        (Text, queue), ", ", (Text, payload), ", ",
+        (Integer, max_attempts), concat!(", ", now_ms!(), " + "), (BigInt, delay_ms),
+        ")",
+    ]);
+
     cached_statement!(InsertManyNoKey { queues: Vec<&'a str>, payloads: Vec<&'a str>,
                                         max_attempts: Vec<i32>, delays_ms: Vec<i64> } => [
         concat!(
@@ -448,6 +457,18 @@ mod pg {
         fn outbox_insert_many(&mut self, rows: &[NewRow]) -> QueryResult<usize> {
             if rows.is_empty() {
                 return Ok(0);
+            }
+            if let [row] = rows {
+                if row.idempotency_key.is_none() {
+                    return InsertOneNoKey {
+                        queue: &row.queue,
+                        payload: &row.payload,
+                        max_attempts: row.max_attempts,
+                        delay_ms: row.delay_ms,
+                    }
+                    .execute(self);
+                }
+                return self.outbox_insert(row).map(|id| usize::from(id.is_some()));
             }
             if rows.iter().all(|r| r.idempotency_key.is_none()) {
                 return InsertManyNoKey {

@@ -630,12 +630,12 @@ impl<C: OutboxConnection> SignalConnection<C> {
             batch.closed = true;
             std::mem::take(&mut batch.rows)
         };
-        let written = match rows.as_slice() {
-            [] => return Ok(()),
-            [row] => self.outbox_insert(row).map(|id| usize::from(id.is_some())),
-            rows => self.outbox_insert_many(rows),
+        if rows.is_empty() {
+            return Ok(());
         }
-        .map_err(|e| batch_error(e, &rows))?;
+        let written = self
+            .outbox_insert_many(&rows)
+            .map_err(|e| batch_error(e, &rows))?;
         if written < rows.len() {
             log::debug!(
                 target: "diesel_transaction_signals",
