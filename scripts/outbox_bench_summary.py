@@ -80,7 +80,7 @@ def main():
         vs_gw = f"{om / gm:.2f}x {verdict(om / gm)}" if gm and om else ""
         vs_plain = ""
         if pm and om:
-            # paired: per repetition, the median over blocks of 500 jobs of ours / plain
+            # paired: per repetition, ours' median jobs/s over its blocks / plain's (same blocks)
             ob = vals(("ours", "enqueue", ours_mode), "jobs_per_s_block_median")
             pb = vals(("ours", "enqueue", plain_mode), "jobs_per_s_block_median")
             paired = [o / p for o, p in zip(ob, pb) if o and p]
