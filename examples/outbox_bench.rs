@@ -7,20 +7,38 @@
 //! cargo run --release --example outbox_bench --features outbox-listen -- SUBCOMMAND [--opt value]...
 //!
 //! capabilities                           the enqueue modes this build supports
-//! setup    --url U                       create the outbox table (migrations)
+//! setup    --url U                       create the outbox table (migrations), bench_users and
+//!                                        bench_plain (dts_outbox's columns and indexes, no trigger)
 //! enqueue  --url U --mode M [--count 20000] [--batch 1000]
-//!          M = tx1        one job per user transaction: BEGIN, defer_durable, COMMIT
-//!              autocommit one defer_durable outside a transaction (its own committed write)
-//!              batch      --batch jobs per transaction, each written with defer_durable
-//!              batch-all  --batch jobs per transaction, written with one enqueue_all
+//!          M = autocommit        one conn.defer_durable outside a transaction (one statement)
+//!              usertx1           BEGIN, insert a bench_users row, conn.defer_durable, COMMIT
+//!              usertx1-macro     the same with defer_durable! (written just before COMMIT)
+//!              batch             --batch jobs per transaction, --batch defer_durable! calls
+//!                                (one multi-row INSERT before COMMIT)
+//!              batch-conn        --batch conn.defer_durable calls per transaction (one
+//!                                statement each: the id is returned at each call)
+//!              batch-all         --batch jobs per transaction, written with one enqueue_all
+//!              tx1               BEGIN, conn.defer_durable, COMMIT (no user row)
+//!            the physical limit, plain Diesel (a PgConnection, no wrapper, no outbox): a row
+//!            of dts_outbox's shape into bench_plain, the same statements otherwise:
+//!              plain-autocommit  one INSERT outside a transaction
+//!              plain-usertx1     BEGIN, insert a bench_users row, insert a bench_plain row, COMMIT
+//!              plain-batch       BEGIN, one INSERT of --batch rows, COMMIT
+//!              plain-notify-autocommit, plain-notify-usertx1
+//!                                the same into bench_plain_notify, which has dts_outbox's
+//!                                NOTIFY trigger (the limit with the cross-process wake-up)
+//! compare  --url U --modes M1,M2,... [--count 20000] [--block 500] [--batch 1000]
+//!          the enqueue modes interleaved in one process, --block jobs of each in turn (the
+//!          order rotating), one line per mode: compares modes on a busy machine
 //! drain    --url U [--procs 1] [--count 20000] [--concurrency 2] [--batch-size 500]
 //!          queue COUNT no-op jobs, then time PROCS `worker --once` processes draining them;
 //!          `worker --once` on an empty queue is timed 3x first and its median subtracted
 //! worker   --url U --once [--concurrency 2] [--batch-size 500] [--name N]
 //!          a relay process; exits once no job is left that it could claim or has claimed
 //! latency  --url U [--rate 200] [--secs 10] [--concurrency 1] [--batch-size 100]
-//!          open-loop producer (this process, timer pacing), relay in a child process woken
-//!          by LISTEN/NOTIFY; commit acknowledged -> handler start
+//!          open-loop producer (this process, timer pacing, one conn.defer_durable outside a
+//!          transaction per job, as the kit's one autocommit add_job), relay in a child process
+//!          woken by LISTEN/NOTIFY; commit acknowledged -> handler start
 //! ```
 //!
 //! Times compared across processes are read from `SystemTime` (CLOCK_REALTIME, one clock for
@@ -40,7 +58,7 @@ mod bench {
     use diesel::r2d2::{ConnectionManager, Pool};
     use diesel_migrations::MigrationHarness;
     use diesel_transaction_signals::outbox::{self, Job, Relay};
-    use diesel_transaction_signals::SignalConnection;
+    use diesel_transaction_signals::{defer_durable, SignalConnection};
     use serde_json::{json, Value};
 
     type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -184,10 +202,11 @@ mod bench {
         let t = (b.total - a.total).max(1) as f64;
         let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let pct = |x: u64| (100.0 * x as f64 / t * ncpu).round() as i64;
+        // saturating: a process that exits between the snapshots takes its jiffies with it
         json!({
-            "machine_busy_pct_of_1core": pct(b.busy - a.busy),
-            "postgres_pct_of_1core": pct(b.pg - a.pg),
-            "ours_pct_of_1core": pct(b.ours - a.ours),
+            "machine_busy_pct_of_1core": pct(b.busy.saturating_sub(a.busy)),
+            "postgres_pct_of_1core": pct(b.pg.saturating_sub(a.pg)),
+            "ours_pct_of_1core": pct(b.ours.saturating_sub(a.ours)),
         })
     }
 
@@ -202,19 +221,143 @@ mod bench {
         Ok(Conn::establish(url)?)
     }
 
+    /// The user table of the `usertx1` modes (the same DDL as the kit's
+    /// `bench/enqueue_usertx.js`), and `bench_plain`: `dts_outbox`'s columns and indexes without
+    /// its NOTIFY trigger, for the plain-Diesel limit.
+    const BENCH_TABLES: &str = "
+        CREATE TABLE IF NOT EXISTS bench_users (id BIGSERIAL PRIMARY KEY, email TEXT NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT now());
+        CREATE TABLE IF NOT EXISTS bench_plain (
+            id BIGSERIAL PRIMARY KEY,
+            queue TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            idempotency_key TEXT,
+            state SMALLINT NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL DEFAULT 10,
+            run_at BIGINT NOT NULL DEFAULT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT,
+            locked_until BIGINT,
+            locked_by TEXT,
+            last_error TEXT,
+            created_at BIGINT NOT NULL DEFAULT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT
+        );
+        CREATE UNIQUE INDEX IF NOT EXISTS bench_plain_idempotency
+            ON bench_plain (queue, idempotency_key);
+        CREATE INDEX IF NOT EXISTS bench_plain_ready ON bench_plain (run_at, id) WHERE state = 0;
+        CREATE TABLE IF NOT EXISTS bench_plain_notify (LIKE bench_plain INCLUDING ALL);
+        DROP TRIGGER IF EXISTS bench_plain_notify ON bench_plain_notify;
+        CREATE TRIGGER bench_plain_notify AFTER INSERT ON bench_plain_notify
+            FOR EACH STATEMENT EXECUTE FUNCTION dts_outbox_notify();
+    ";
+
+    diesel::table! {
+        bench_users (id) {
+            id -> BigInt,
+            email -> Text,
+        }
+    }
+
+    // bench_plain_notify: bench_plain plus dts_outbox's NOTIFY trigger (the limit with the
+    // cross-process wake-up included).
+    diesel::table! {
+        bench_plain_notify (id) {
+            id -> BigInt,
+            queue -> Text,
+            payload -> Text,
+            idempotency_key -> Nullable<Text>,
+            max_attempts -> Integer,
+            run_at -> BigInt,
+        }
+    }
+
+    diesel::table! {
+        bench_plain (id) {
+            id -> BigInt,
+            queue -> Text,
+            payload -> Text,
+            idempotency_key -> Nullable<Text>,
+            max_attempts -> Integer,
+            run_at -> BigInt,
+        }
+    }
+
     fn setup(url: &str) -> Res<()> {
         let mut conn = connect(url)?;
         conn.run_pending_migrations(outbox::migrations::POSTGRES)?;
+        conn.batch_execute(BENCH_TABLES)?;
         Ok(())
     }
 
-    /// Empties the outbox, as the kit's `bench/reset.js` does for graphile-worker's tables.
+    /// Empties the outbox and the bench tables, as the kit's `bench/reset.js` does for
+    /// graphile-worker's tables.
     fn reset(url: &str) -> Res<()> {
         let mut conn = connect(url)?;
         conn.run_pending_migrations(outbox::migrations::POSTGRES)?;
-        conn.batch_execute("TRUNCATE dts_outbox")?;
-        conn.batch_execute("VACUUM ANALYZE dts_outbox")?;
+        conn.batch_execute(BENCH_TABLES)?;
+        conn.batch_execute("TRUNCATE dts_outbox, bench_users, bench_plain, bench_plain_notify")?;
+        conn.batch_execute(
+            "VACUUM ANALYZE dts_outbox, bench_users, bench_plain, bench_plain_notify",
+        )?;
         Ok(())
+    }
+
+    fn email(i: i64) -> String {
+        format!("user{i}@example.com")
+    }
+
+    fn insert_user(
+        conn: &mut impl Connection<Backend = diesel::pg::Pg>,
+        i: i64,
+    ) -> QueryResult<usize> {
+        diesel::insert_into(bench_users::table)
+            .values(bench_users::email.eq(email(i)))
+            .execute(conn)
+    }
+
+    /// The row `defer_durable` writes, written by plain Diesel: the same columns and values
+    /// (`run_at` is computed here instead of by the server: no delay).
+    type PlainRow = (
+        diesel::dsl::Eq<bench_plain::queue, &'static str>,
+        diesel::dsl::Eq<bench_plain::payload, String>,
+        diesel::dsl::Eq<bench_plain::idempotency_key, Option<String>>,
+        diesel::dsl::Eq<bench_plain::max_attempts, i32>,
+        diesel::dsl::Eq<bench_plain::run_at, i64>,
+    );
+
+    fn plain_row(i: i64) -> Res<PlainRow> {
+        Ok((
+            bench_plain::queue.eq("noop"),
+            bench_plain::payload.eq(serde_json::to_string(&Payload { id: i })?),
+            bench_plain::idempotency_key.eq(None),
+            bench_plain::max_attempts.eq(10),
+            bench_plain::run_at.eq((now_ns() / 1_000_000) as i64),
+        ))
+    }
+
+    fn plain_count(conn: &mut PgConnection) -> QueryResult<i64> {
+        bench_plain::table.count().get_result(conn)
+    }
+
+    fn plain_notify_count(conn: &mut PgConnection) -> QueryResult<i64> {
+        bench_plain_notify::table.count().get_result(conn)
+    }
+
+    type PlainNotifyRow = (
+        diesel::dsl::Eq<bench_plain_notify::queue, &'static str>,
+        diesel::dsl::Eq<bench_plain_notify::payload, String>,
+        diesel::dsl::Eq<bench_plain_notify::idempotency_key, Option<String>>,
+        diesel::dsl::Eq<bench_plain_notify::max_attempts, i32>,
+        diesel::dsl::Eq<bench_plain_notify::run_at, i64>,
+    );
+
+    fn plain_notify_row(i: i64) -> Res<PlainNotifyRow> {
+        Ok((
+            bench_plain_notify::queue.eq("noop"),
+            bench_plain_notify::payload.eq(serde_json::to_string(&Payload { id: i })?),
+            bench_plain_notify::idempotency_key.eq(None),
+            bench_plain_notify::max_attempts.eq(10),
+            bench_plain_notify::run_at.eq((now_ns() / 1_000_000) as i64),
+        ))
     }
 
     /// A relay's pool: no `SELECT 1` on every checkout (r2d2's default `test_on_check_out`);
@@ -228,75 +371,247 @@ mod bench {
 
     // ---- enqueue ---------------------------------------------------------------------------
 
-    fn enqueue(a: &Args) -> Res<()> {
-        let url = a.url()?;
-        let mode = a.str("mode", "tx1");
-        let count = a.num("count", 20_000)? as i64;
-        let batch = a.num("batch", 1000)?.max(1) as i64;
-        reset(&url)?;
-        let mut conn = connect(&url)?;
-        conn.batch_execute("SELECT 1")?;
-        let c0 = cpu_snap();
-        let t0 = Instant::now();
-        match mode.as_str() {
-            "tx1" => {
-                for i in 0..count {
-                    conn.transaction::<_, Error, _>(|c| {
-                        c.defer_durable("noop", &Payload { id: i })?;
+    /// The connections a mode writes through: ours (the wrapper) and plain Diesel.
+    struct Sides {
+        ours: Conn,
+        plain: PgConnection,
+    }
+
+    impl Sides {
+        fn open(url: &str) -> Res<Self> {
+            let mut ours = connect(url)?;
+            ours.batch_execute("SELECT 1")?;
+            let mut plain = PgConnection::establish(url)?;
+            plain.batch_execute("SELECT 1")?;
+            Ok(Sides { ours, plain })
+        }
+
+        /// Runs `mode` for the jobs `from..to`: one transaction (or statement) per job, or per
+        /// `batch` jobs for the batch modes.
+        fn run(&mut self, mode: &str, from: i64, to: i64, batch: i64) -> Res<()> {
+            let per_tx = |f: &mut dyn FnMut(i64, i64) -> Res<()>| -> Res<()> {
+                let mut i = from;
+                while i < to {
+                    let end = (i + batch).min(to);
+                    f(i, end)?;
+                    i = end;
+                }
+                Ok(())
+            };
+            let conn = &mut self.ours;
+            match mode {
+                "autocommit" => {
+                    for i in from..to {
+                        conn.defer_durable("noop", &Payload { id: i })?;
+                    }
+                }
+                "tx1" => {
+                    for i in from..to {
+                        conn.transaction::<_, Error, _>(|c| {
+                            c.defer_durable("noop", &Payload { id: i })?;
+                            Ok(())
+                        })?;
+                    }
+                }
+                "usertx1" => {
+                    for i in from..to {
+                        conn.transaction::<_, Error, _>(|c| {
+                            insert_user(c, i)?;
+                            c.defer_durable("noop", &Payload { id: i })?;
+                            Ok(())
+                        })?;
+                    }
+                }
+                "usertx1-macro" => {
+                    for i in from..to {
+                        conn.transaction::<_, Error, _>(|c| {
+                            insert_user(c, i)?;
+                            defer_durable!("noop", &Payload { id: i })?;
+                            Ok(())
+                        })?;
+                    }
+                }
+                "batch" => per_tx(&mut |i, end| {
+                    conn.transaction::<_, Error, _>(|_| {
+                        for id in i..end {
+                            defer_durable!("noop", &Payload { id })?;
+                        }
                         Ok(())
-                    })?;
-                }
-            }
-            "autocommit" => {
-                for i in 0..count {
-                    conn.defer_durable("noop", &Payload { id: i })?;
-                }
-            }
-            "batch" => {
-                let mut i = 0;
-                while i < count {
-                    let end = (i + batch).min(count);
+                    })
+                })?,
+                "batch-conn" => per_tx(&mut |i, end| {
                     conn.transaction::<_, Error, _>(|c| {
                         for id in i..end {
                             c.defer_durable("noop", &Payload { id })?;
                         }
                         Ok(())
-                    })?;
-                    i = end;
-                }
-            }
-            "batch-all" => {
-                let mut i = 0;
-                while i < count {
-                    let end = (i + batch).min(count);
+                    })
+                })?,
+                "batch-all" => per_tx(&mut |i, end| {
                     conn.transaction::<_, Error, _>(|c| {
                         let jobs = (i..end)
                             .map(|id| outbox::DurableJob::new("noop", &Payload { id }))
                             .collect::<Result<Vec<_>, _>>()?;
                         c.enqueue_all(jobs)?;
                         Ok(())
-                    })?;
-                    i = end;
+                    })
+                })?,
+                "plain-autocommit" => {
+                    for i in from..to {
+                        diesel::insert_into(bench_plain::table)
+                            .values(plain_row(i)?)
+                            .execute(&mut self.plain)?;
+                    }
                 }
+                "plain-usertx1" => {
+                    for i in from..to {
+                        self.plain.transaction::<_, Error, _>(|c| {
+                            insert_user(c, i)?;
+                            diesel::insert_into(bench_plain::table)
+                                .values(plain_row(i)?)
+                                .execute(c)?;
+                            Ok(())
+                        })?;
+                    }
+                }
+                "plain-notify-autocommit" => {
+                    for i in from..to {
+                        diesel::insert_into(bench_plain_notify::table)
+                            .values(plain_notify_row(i)?)
+                            .execute(&mut self.plain)?;
+                    }
+                }
+                "plain-notify-usertx1" => {
+                    for i in from..to {
+                        self.plain.transaction::<_, Error, _>(|c| {
+                            insert_user(c, i)?;
+                            diesel::insert_into(bench_plain_notify::table)
+                                .values(plain_notify_row(i)?)
+                                .execute(c)?;
+                            Ok(())
+                        })?;
+                    }
+                }
+                "plain-batch" => {
+                    let plain = &mut self.plain;
+                    per_tx(&mut |i, end| {
+                        plain.transaction::<_, Error, _>(|c| {
+                            let rows = (i..end).map(plain_row).collect::<Res<Vec<_>>>()?;
+                            diesel::insert_into(bench_plain::table)
+                                .values(rows)
+                                .execute(c)?;
+                            Ok(())
+                        })
+                    })?
+                }
+                other => return Err(format!("unknown --mode {other}").into()),
             }
-            other => return Err(format!("unknown --mode {other}").into()),
+            Ok(())
         }
+    }
+
+    /// Rows in the table `mode` writes to.
+    fn rows_written(conn: &mut PgConnection, mode: &str) -> QueryResult<i64> {
+        if mode.starts_with("plain-notify-") {
+            plain_notify_count(conn)
+        } else if mode.starts_with("plain-") {
+            plain_count(conn)
+        } else {
+            diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+                "(SELECT count(*) FROM dts_outbox)",
+            ))
+            .get_result(conn)
+        }
+    }
+
+    fn enqueue_line(mode: &str, count: i64, batch: i64, ms: f64) -> Value {
+        json!({
+            "test": "enqueue", "mode": mode, "count": count,
+            "batch": if mode.contains("batch") { batch } else { 1 },
+            "ms": round(ms, 1), "jobs_per_s": (count as f64 * 1e3 / ms).round() as i64,
+            "loadavg1": loadavg1(),
+        })
+    }
+
+    fn enqueue(a: &Args) -> Res<()> {
+        let url = a.url()?;
+        let mode = a.str("mode", "usertx1");
+        let count = a.num("count", 20_000)? as i64;
+        let batch = a.num("batch", 1000)?.max(1) as i64;
+        reset(&url)?;
+        let mut sides = Sides::open(&url)?;
+        let c0 = cpu_snap();
+        let t0 = Instant::now();
+        sides.run(&mode, 0, count, batch)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let cpu = cpu_diff(c0, cpu_snap());
-        let n: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
-            "(SELECT count(*) FROM dts_outbox)",
-        ))
-        .get_result(&mut conn)?;
+        let n = rows_written(&mut sides.plain, &mode)?;
         if n != count {
             return Err(format!("expected {count} rows, found {n}").into());
         }
-        let out = json!({
-            "test": "enqueue", "mode": mode, "count": count,
-            "batch": if mode.starts_with("batch") { batch } else { 1 },
-            "ms": round(ms, 1), "jobs_per_s": (count as f64 * 1e3 / ms).round() as i64,
-            "loadavg1": loadavg1(),
-        });
-        println!("{}", merge(out, cpu));
+        println!("{}", merge(enqueue_line(&mode, count, batch, ms), cpu));
+        Ok(())
+    }
+
+    /// `compare --modes a,b,... --count N [--block B] [--batch 1000]`: runs the modes
+    /// interleaved in one process, B jobs of one mode after B jobs of the next (the order
+    /// rotates at every block), so that every mode sees the same machine; prints one line per
+    /// mode with its own time. The fair way to compare modes within a few per cent on a busy
+    /// machine.
+    fn compare(a: &Args) -> Res<()> {
+        let url = a.url()?;
+        let modes: Vec<String> = a.str("modes", "").split(',').map(str::to_owned).collect();
+        let count = a.num("count", 20_000)? as i64;
+        let batch = a.num("batch", 1000)?.max(1) as i64;
+        let block = a.num("block", 500)?.max(1) as i64;
+        let block = if modes.iter().any(|m| m.contains("batch")) {
+            block.max(batch) / batch * batch
+        } else {
+            block
+        };
+        reset(&url)?;
+        let mut sides = Sides::open(&url)?;
+        let mut ms = vec![0.0; modes.len()];
+        let mut blocks: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+        let c0 = cpu_snap();
+        let mut from = 0;
+        let mut turn = 0;
+        while from < count {
+            let to = (from + block).min(count);
+            for k in 0..modes.len() {
+                let m = (k + turn) % modes.len();
+                let t = Instant::now();
+                sides.run(&modes[m], from, to, batch)?;
+                let took = t.elapsed().as_secs_f64() * 1e3;
+                ms[m] += took;
+                blocks[m].push((to - from) as f64 * 1e3 / took);
+            }
+            from = to;
+            turn += 1;
+        }
+        let cpu = cpu_diff(c0, cpu_snap());
+        for table in ["ours", "plain-", "plain-notify-"] {
+            let kind = |m: &String| match table {
+                "ours" => !m.starts_with("plain-"),
+                "plain-" => m.starts_with("plain-") && !m.starts_with("plain-notify-"),
+                _ => m.starts_with("plain-notify-"),
+            };
+            let want = modes.iter().filter(|m| kind(m)).count() as i64 * count;
+            let n = rows_written(&mut sides.plain, table)?;
+            if n != want {
+                return Err(format!("{table}: expected {want} rows, found {n}").into());
+            }
+        }
+        for ((m, ms), mut rates) in modes.iter().zip(ms).zip(blocks) {
+            rates.sort_by(f64::total_cmp);
+            let median = rates[rates.len() / 2];
+            let line = merge(
+                enqueue_line(m, count, batch, ms),
+                json!({"interleaved": modes, "block": block,
+                       "jobs_per_s_block_median": median.round() as i64}),
+            );
+            println!("{}", merge(line, cpu.clone()));
+        }
         Ok(())
     }
 
@@ -442,9 +757,9 @@ mod bench {
         let startup = st[1];
         {
             let mut conn = connect(&url)?;
-            conn.transaction::<_, Error, _>(|c| {
+            conn.transaction::<_, Error, _>(|_| {
                 for id in 0..count {
-                    c.defer_durable("noop", &Payload { id })?;
+                    defer_durable!("noop", &Payload { id })?;
                 }
                 Ok(())
             })?;
@@ -619,11 +934,10 @@ mod bench {
         expect(&rx, "ready", Duration::from_secs(30))?;
         let mut conn = connect(&url)?;
         conn.batch_execute("SELECT 1")?;
+        // One job outside a transaction, as the kit's producer (one autocommit add_job).
         let add = |conn: &mut Conn, id: i64| -> Res<()> {
-            conn.transaction::<_, Error, _>(|c| {
-                c.defer_durable("lat", &Payload { id })?;
-                Ok(())
-            })
+            conn.defer_durable("lat", &Payload { id })?;
+            Ok(())
         };
         // warm-up as the kit (perfTest/latencyTest.js): 100 jobs, wait for them, settle 1 s
         for i in 1..=100 {
@@ -686,7 +1000,21 @@ mod bench {
     }
 
     /// `enqueue --mode` values this build supports.
-    const CAPABILITIES: &[&str] = &["tx1", "autocommit", "batch", "batch-all", "enqueue_all"];
+    const CAPABILITIES: &[&str] = &[
+        "tx1",
+        "autocommit",
+        "usertx1",
+        "usertx1-macro",
+        "batch",
+        "batch-conn",
+        "batch-all",
+        "enqueue_all",
+        "plain-autocommit",
+        "plain-usertx1",
+        "plain-batch",
+        "plain-notify-autocommit",
+        "plain-notify-usertx1",
+    ];
 
     pub fn main() -> Res<()> {
         let a = Args::parse()?;
@@ -698,6 +1026,7 @@ mod bench {
             }
             "setup" => setup(&a.url()?),
             "enqueue" => enqueue(&a),
+            "compare" => compare(&a),
             "drain" => drain(&a),
             "worker" => worker(&a),
             "latency" => latency(&a),

@@ -23,7 +23,8 @@ def load(path):
 
 def key(r):
     if r["test"] == "enqueue":
-        return (r["side"], "enqueue", r["cfg"])
+        # graphile-worker: the measurement's tag; ours: the mode (`compare` prints several)
+        return (r["side"], "enqueue", r["cfg"] if r["side"] == "gw" else r["mode"])
     if r["test"] == "exec":
         return (r["side"], "exec", r["procs"])
     return (r["side"], "latency")
@@ -34,17 +35,21 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
-def fmt_rate(v):
-    return "—" if v is None else f"{v:,.0f} jobs/s"
-
-
-def fmt_ms(v):
-    return "—" if v is None else f"{v:.2f} ms"
-
-
-def runs(xs, fmt):
+def spread(xs, fmt):
+    """median (min-max) of the runs"""
     xs = [x for x in xs if x is not None]
-    return "" if len(xs) < 2 else " (" + ", ".join(fmt(x) for x in xs) + ")"
+    if not xs:
+        return "—"
+    m = fmt(statistics.median(xs))
+    return m if len(xs) < 2 else f"{m} ({fmt(min(xs))}–{fmt(max(xs))})"
+
+
+def rate(v):
+    return f"{v:,.0f}"
+
+
+def ms(v):
+    return f"{v:.2f}"
 
 
 def main():
@@ -55,75 +60,87 @@ def main():
         g[key(r)].append(r)
 
     def vals(k, field, sub=None):
-        return [(r[field] if sub is None else (r[field] or {}).get(sub)) for r in g.get(k, [])]
+        return [(r.get(field) if sub is None else (r.get(field) or {}).get(sub))
+                for r in sorted(g.get(k, []), key=lambda r: r["rep"])]
 
     table = []
 
-    def rate_row(what, gw_k, gw_f, ours_k, ours_f, target=True):
-        gv, ov = vals(gw_k, gw_f) if gw_k else [], vals(ours_k, ours_f)
-        gm, om = med(gv), med(ov)
-        ratio = f"{om / gm:.2f}x" if gm and om else "—"
-        verdict = ""
-        if target and gm and om:
-            verdict = "ahead" if om > gm else f"**behind by {(1 - om / gm) * 100:.0f} %**"
-        table.append(
-            f"| {what} | {fmt_rate(gm) if gw_k else ''}{runs(gv, lambda x: f'{x:,.0f}')} "
-            f"| {fmt_rate(om)}{runs(ov, lambda x: f'{x:,.0f}')} | {ratio} | {verdict} |"
-        )
+    def verdict(ratio, better_when_higher=True):
+        if ratio is None:
+            return ""
+        if better_when_higher:
+            return "ahead" if ratio >= 1 else f"**behind by {(1 - ratio) * 100:.0f} %**"
+        return "ahead" if ratio <= 1 else f"**behind: {ratio:.1f}x the time**"
 
-    def lat_row(what, field, p, target=True):
-        gv, ov = vals(("gw", "latency"), field, p), vals(("ours", "latency"), field, p)
-        gm, om = med(gv), med(ov)
-        ratio = f"{gm / om:.2f}x" if gm and om and om > 0 else "—"
-        verdict = ""
-        if target and gm is not None and om is not None:
-            verdict = "ahead" if om < gm else f"**behind by {(om / gm - 1) * 100:.0f} %**"
-        table.append(
-            f"| {what} | {fmt_ms(gm)}{runs(gv, lambda x: f'{x:.2f}')} "
-            f"| {fmt_ms(om)}{runs(ov, lambda x: f'{x:.2f}')} | {ratio} | {verdict} |"
-        )
+    def enqueue_row(what, gw_cfg, ours_mode, plain_mode):
+        gv = vals(("gw", "enqueue", gw_cfg), "jobs_per_s") if gw_cfg else []
+        ov = vals(("ours", "enqueue", ours_mode), "jobs_per_s")
+        pv = vals(("ours", "enqueue", plain_mode), "jobs_per_s") if plain_mode else []
+        gm, om, pm = med(gv), med(ov), med(pv)
+        vs_gw = f"{om / gm:.2f}x {verdict(om / gm)}" if gm and om else ""
+        vs_plain = ""
+        if pm and om:
+            # paired: per repetition, ours' median jobs/s over its blocks / plain's (same blocks)
+            ob = vals(("ours", "enqueue", ours_mode), "jobs_per_s_block_median")
+            pb = vals(("ours", "enqueue", plain_mode), "jobs_per_s_block_median")
+            paired = [o / p for o, p in zip(ob, pb) if o and p]
+            vs_plain = f"{om / pm:.3f}"
+            if paired:
+                vs_plain += (f"; paired by block {statistics.median(paired):.3f}"
+                             f" ({min(paired):.3f}–{max(paired):.3f})")
+        table.append(f"| {what} | {spread(gv, rate) if gw_cfg else ''} | {spread(ov, rate)} "
+                     f"| {spread(pv, rate) if plain_mode else ''} | {vs_gw} | {vs_plain} |")
 
-    rate_row("enqueue, one job per transaction (BEGIN, insert, COMMIT), one client",
-             ("gw", "enqueue", "raw1"), "jobs_per_s", ("ours", "enqueue", "tx1"), "jobs_per_s")
-    if g.get(("ours", "enqueue", "batch-all")):
-        rate_row("enqueue in batches of 1,000 per transaction (ours: `enqueue_all`, one statement)",
-                 ("gw", "enqueue", "batch"), "jobs_per_s",
-                 ("ours", "enqueue", "batch-all"), "jobs_per_s")
-        rate_row("enqueue in batches of 1,000 per transaction (ours: 1,000 × `defer_durable`)",
-                 ("gw", "enqueue", "batch"), "jobs_per_s", ("ours", "enqueue", "batch"),
-                 "jobs_per_s")
-    else:
-        rate_row("enqueue in batches of 1,000 per transaction (ours: 1,000 × `defer_durable`)",
-                 ("gw", "enqueue", "batch"), "jobs_per_s", ("ours", "enqueue", "batch"),
-                 "jobs_per_s")
+    def drain_row(p):
+        f = "jps_wall_minus_startup"
+        gv, ov = vals(("gw", "exec", p), f), vals(("ours", "exec", p), f)
+        gm, om = med(gv), med(ov)
+        vs_gw = f"{om / gm:.2f}x {verdict(om / gm)}" if gm and om else ""
+        table.append(f"| drain 20,000 queued no-op jobs, {p} process{'es' if p > 1 else ''} "
+                     f"(wall − start-up), jobs/s | {spread(gv, rate)} | {spread(ov, rate)} "
+                     f"| n/a | {vs_gw} | |")
+
+    def lat_row(p):
+        f = "commitack_to_start_ms"
+        gv, ov = vals(("gw", "latency"), f, p), vals(("ours", "latency"), f, p)
+        gm, om = med(gv), med(ov)
+        vs_gw = (f"{gm / om:.2f}x {verdict(om / gm, better_when_higher=False)}"
+                 if gm and om else "")  # gw/ours: > 1 when ours is faster
+        table.append(f"| latency at 200 jobs/s (one job in autocommit each), commit "
+                     f"acknowledged → handler start, {p}, ms | {spread(gv, ms)} "
+                     f"| {spread(ov, ms)} | n/a | {vs_gw} | |")
+
+    enqueue_row("one job in autocommit, one client (`add_job` / `conn.defer_durable`), jobs/s",
+                "autocommit", "autocommit", "plain-autocommit")
+    enqueue_row("one user row + one job in one user transaction (BEGIN, INSERT user, "
+                "`add_job` / `conn.defer_durable`, COMMIT), jobs/s",
+                "usertx1", "usertx1", "plain-usertx1")
+    enqueue_row("1,000 jobs per transaction (`add_jobs` / 1,000 `defer_durable!` calls), jobs/s",
+                "batch", "batch", "plain-batch")
     for p in (1, 2):
-        rate_row(f"drain 20,000 queued no-op jobs, {p} process{'es' if p > 1 else ''} "
-                 "(wall − start-up)", ("gw", "exec", p), "jps_wall_minus_startup",
-                 ("ours", "exec", p), "jps_wall_minus_startup")
+        drain_row(p)
     for p in ("p50", "p90", "p99", "max"):
-        lat_row(f"latency at 200 jobs/s, commit acknowledged → handler start, {p}",
-                "commitack_to_start_ms", p)
-    rate_row("_(info)_ enqueue, one job outside a transaction (one statement, as `add_job`)",
-             None, None, ("ours", "enqueue", "autocommit"), "jobs_per_s", target=False)
-    for p in (1, 2):
-        rate_row(f"_(info)_ drain, {p} process{'es' if p > 1 else ''}, first → last handler start",
-                 ("gw", "exec", p), "jps_first_to_last_task", ("ours", "exec", p),
-                 "jps_first_to_last_task", target=False)
-    for p in ("p50", "p99"):
-        lat_row(f"_(info)_ latency, job sent → handler start, {p}", "send_to_start_ms", p,
-                target=False)
-        lat_row(f"_(info)_ latency, enqueue round trip (send → commit acknowledged), {p}",
-                "add_job_rtt_ms", p, target=False)
+        lat_row(p)
+    enqueue_row("_(info)_ one job in autocommit; limit: plain Diesel into a table with the "
+                "outbox's NOTIFY trigger", None, "autocommit", "plain-notify-autocommit")
+    enqueue_row("_(info)_ one user row + one job; limit: plain Diesel into a table with the "
+                "outbox's NOTIFY trigger", None, "usertx1", "plain-notify-usertx1")
+    enqueue_row("_(info)_ one user row + one job, ours with `defer_durable!` (written at COMMIT)",
+                None, "usertx1-macro", "plain-usertx1")
+    enqueue_row("_(info)_ 1,000 jobs per transaction, ours with 1,000 `conn.defer_durable` "
+                "(one statement each, id returned)", None, "batch-conn", "plain-batch")
+    enqueue_row("_(info)_ 1,000 jobs per transaction, ours with one `enqueue_all`",
+                None, "batch-all", "plain-batch")
 
     reps = max((r["rep"] for r in rows), default=0)
     print()
     print(f"### Outbox relay vs graphile-worker, same PostgreSQL, same run "
           f"({reps} repetition{'s' if reps != 1 else ''}; medians"
-          f"{', runs in brackets' if reps > 1 else ''})")
+          f"{', (min–max) of the runs' if reps > 1 else ''})")
     print()
     print("| what | graphile-worker | ours (diesel-transaction-signals) "
-          "| ratio (>1: ours ahead) | |")
-    print("|---|---|---|---|---|")
+          "| plain Diesel, no outbox (the limit) | ours / graphile-worker | ours / plain |")
+    print("|---|---|---|---|---|---|")
     print("\n".join(table))
     print()
 
@@ -144,8 +161,13 @@ def main():
           "is claimable or held by it")
     print(f"- ours, latency: relay in a second process, "
           f"{cfg('ours', ('latency',), ['concurrency', 'batch_size', 'pool'])}, woken by "
-          "`listen()` (LISTEN dts_outbox); producer: one connection, BEGIN/defer_durable/COMMIT "
-          "per job, timer pacing; times from CLOCK_REALTIME in both processes")
+          "`listen()` (LISTEN dts_outbox); producer: one connection, one `conn.defer_durable` "
+          "in autocommit per job (as the kit's one autocommit `add_job`), timer pacing; times "
+          "from CLOCK_REALTIME in both processes")
+    print("- plain Diesel limit: a `PgConnection` without the wrapper inserting the outbox row's "
+          "columns into `bench_plain` (dts_outbox's columns and indexes, no NOTIFY trigger), "
+          "the same user-row INSERT and transaction; run interleaved with ours in one process, "
+          "blocks of 500 jobs (1,000 for the batch rows), the order rotating")
     print("- graphile-worker: the kit's preset (concurrency 24, pool 25, local queue 500, "
           "refetch 10 ms, completion batching), its bench/*.js unchanged")
     print()

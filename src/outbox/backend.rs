@@ -73,8 +73,9 @@ mod sealed {
 pub trait OutboxConnection: Connection + sealed::Sealed + Send + 'static {
     #[doc(hidden)]
     fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>>;
-    /// Writes many rows; returns how many were written (idempotency keys already present
-    /// are no-ops). One INSERT per row unless the backend does better.
+    /// Writes many rows, in order; returns how many were written (an idempotency key already
+    /// present, or repeated among `rows`, is a no-op). Multi-row statements: one on
+    /// PostgreSQL (arrays bound as parameters), one per `chunks` piece on SQLite and MySQL.
     #[doc(hidden)]
     fn outbox_insert_many(&mut self, rows: &[NewRow]) -> QueryResult<usize> {
         let mut written = 0;
@@ -164,6 +165,82 @@ pub(crate) fn id_list(ids: &[i64]) -> String {
         s.push_str(&id.to_string());
     }
     s
+}
+
+/// Splits `rows` into runs of at most `max_rows` rows and (past the first row of a run)
+/// `max_bytes` bytes of payload and key: one multi-row INSERT each, within the backend's
+/// bind-parameter limit (5 per row) and packet size.
+#[cfg_attr(not(any(feature = "sqlite", feature = "mysql")), allow(dead_code))]
+pub(crate) fn chunks(rows: &[NewRow], max_rows: usize, max_bytes: usize) -> Vec<&[NewRow]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, row) in rows.iter().enumerate() {
+        let size = row.queue.len()
+            + row.payload.len()
+            + row.idempotency_key.as_ref().map_or(0, String::len);
+        if i > start && (i - start == max_rows || bytes + size > max_bytes) {
+            out.push(&rows[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < rows.len() {
+        out.push(&rows[start..]);
+    }
+    out
+}
+
+/// `INSERT INTO dts_outbox (...) VALUES (?, ?, ?, ?, <now> + ?), ... <tail>` for the backends
+/// with `?` placeholders: the SQL text depends on the row count, so it is not kept as a
+/// prepared statement (one per batch size would fill the connection's cache).
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
+struct MultiInsert<'a> {
+    rows: &'a [NewRow],
+    now_ms: &'static str,
+    tail: &'static str,
+}
+
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
+impl diesel::query_builder::QueryId for MultiInsert<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
+macro_rules! multi_insert_for {
+    ($backend:ty, $conn:ty) => {
+        impl diesel::query_builder::QueryFragment<$backend> for MultiInsert<'_> {
+            fn walk_ast<'b>(
+                &'b self,
+                mut out: diesel::query_builder::AstPass<'_, 'b, $backend>,
+            ) -> QueryResult<()> {
+                out.unsafe_to_cache_prepared();
+                out.push_sql(
+                    "INSERT INTO dts_outbox (queue, payload, idempotency_key, max_attempts, \
+                     run_at) VALUES ",
+                );
+                for (i, row) in self.rows.iter().enumerate() {
+                    out.push_sql(if i == 0 { "(" } else { ", (" });
+                    out.push_bind_param::<Text, _>(&row.queue)?;
+                    out.push_sql(", ");
+                    out.push_bind_param::<Text, _>(&row.payload)?;
+                    out.push_sql(", ");
+                    out.push_bind_param::<Nullable<Text>, _>(&row.idempotency_key)?;
+                    out.push_sql(", ");
+                    out.push_bind_param::<Integer, _>(&row.max_attempts)?;
+                    out.push_sql(", ");
+                    out.push_sql(self.now_ms);
+                    out.push_sql(" + ");
+                    out.push_bind_param::<BigInt, _>(&row.delay_ms)?;
+                    out.push_sql(")");
+                }
+                out.push_sql(self.tail);
+                Ok(())
+            }
+        }
+        impl RunQueryDsl<$conn> for MultiInsert<'_> {}
+    };
 }
 
 impl<C: OutboxConnection> sealed::Sealed for SignalConnection<C> {}
@@ -313,6 +390,36 @@ mod pg {
         ") ON CONFLICT (queue, idempotency_key) DO NOTHING RETURNING id",
     ]);
 
+    // A row without an idempotency key can never conflict (NULLs are distinct in the unique
+    // index): a plain INSERT, without ON CONFLICT's speculative insertion.
+    cached_statement!(InsertNoKey { queue: &'a str, payload: &'a str, max_attempts: i32,
+                                    delay_ms: i64 } => [
+        "INSERT INTO dts_outbox (queue, payload, max_attempts, run_at) VALUES (",
+        (Text, queue), ", ", (Text, payload), ", ",
+        (Integer, max_attempts), concat!(", ", now_ms!(), " + "), (BigInt, delay_ms),
+        ") RETURNING id",
+    ]);
+
+    // The same without RETURNING, for a batch of one (the id is not wanted there).
+    cached_statement!(InsertOneNoKey { queue: &'a str, payload: &'a str, max_attempts: i32,
+                                       delay_ms: i64 } => [
+        "INSERT INTO dts_outbox (queue, payload, max_attempts, run_at) VALUES (",
+        (Text, queue), ", ", (Text, payload), ", ",
+        (Integer, max_attempts), concat!(", ", now_ms!(), " + "), (BigInt, delay_ms),
+        ")",
+    ]);
+
+    cached_statement!(InsertManyNoKey { queues: Vec<&'a str>, payloads: Vec<&'a str>,
+                                        max_attempts: Vec<i32>, delays_ms: Vec<i64> } => [
+        concat!(
+            "INSERT INTO dts_outbox (queue, payload, max_attempts, run_at) ",
+            "SELECT q, p, m, ", now_ms!(), " + d FROM unnest("
+        ),
+        (Array<Text>, queues), ", ", (Array<Text>, payloads), ", ",
+        (Array<Integer>, max_attempts), ", ", (Array<BigInt>, delays_ms),
+        ") WITH ORDINALITY AS t (q, p, m, d, n) ORDER BY n",
+    ]);
+
     cached_statement!(InsertMany { queues: Vec<&'a str>, payloads: Vec<&'a str>,
                                    keys: Vec<Option<&'a str>>, max_attempts: Vec<i32>,
                                    delays_ms: Vec<i64> } => [
@@ -363,6 +470,16 @@ mod pg {
         }
 
         fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
+            if row.idempotency_key.is_none() {
+                let id: Id = InsertNoKey {
+                    queue: &row.queue,
+                    payload: &row.payload,
+                    max_attempts: row.max_attempts,
+                    delay_ms: row.delay_ms,
+                }
+                .get_result(self)?;
+                return Ok(Some(id.id));
+            }
             let ids: Vec<Id> = Insert {
                 queue: &row.queue,
                 payload: &row.payload,
@@ -377,6 +494,27 @@ mod pg {
         fn outbox_insert_many(&mut self, rows: &[NewRow]) -> QueryResult<usize> {
             if rows.is_empty() {
                 return Ok(0);
+            }
+            if let [row] = rows {
+                if row.idempotency_key.is_none() {
+                    return InsertOneNoKey {
+                        queue: &row.queue,
+                        payload: &row.payload,
+                        max_attempts: row.max_attempts,
+                        delay_ms: row.delay_ms,
+                    }
+                    .execute(self);
+                }
+                return self.outbox_insert(row).map(|id| usize::from(id.is_some()));
+            }
+            if rows.iter().all(|r| r.idempotency_key.is_none()) {
+                return InsertManyNoKey {
+                    queues: rows.iter().map(|r| r.queue.as_str()).collect(),
+                    payloads: rows.iter().map(|r| r.payload.as_str()).collect(),
+                    max_attempts: rows.iter().map(|r| r.max_attempts).collect(),
+                    delays_ms: rows.iter().map(|r| r.delay_ms).collect(),
+                }
+                .execute(self);
             }
             InsertMany {
                 queues: rows.iter().map(|r| r.queue.as_str()).collect(),
@@ -459,8 +597,30 @@ mod pg {
 mod sqlite {
     use super::*;
     use diesel::SqliteConnection;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
+
+    /// Rows per multi-row INSERT: 5 parameters a row within SQLite's 32,766 (since 3.32)...
+    const SQLITE_ROWS_NEW: usize = 32_766 / 5;
+    /// ... or 999 (older SQLite, found out at the first statement refused for it).
+    const SQLITE_ROWS_OLD: usize = 999 / 5;
+    static SQLITE_ROWS: AtomicUsize = AtomicUsize::new(SQLITE_ROWS_NEW);
+
+    multi_insert_for!(diesel::sqlite::Sqlite, SqliteConnection);
+
+    static INSERT_UNKEYED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "INSERT INTO dts_outbox (queue, payload, idempotency_key, max_attempts, run_at) \
+             VALUES (?, ?, ?, ?, {NOW_MS} + ?) RETURNING id"
+        )
+    });
+    static INSERT_KEYED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "{} ON CONFLICT (queue, idempotency_key) DO NOTHING RETURNING id",
+            INSERT_UNKEYED.trim_end_matches(" RETURNING id")
+        )
+    });
 
     impl sealed::Sealed for SqliteConnection {}
 
@@ -475,18 +635,54 @@ mod sqlite {
         }
 
         fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
-            let ids: Vec<Id> = diesel::sql_query(format!(
-                "INSERT INTO dts_outbox (queue, payload, idempotency_key, max_attempts, run_at) \
-                 VALUES (?, ?, ?, ?, {NOW_MS} + ?) \
-                 ON CONFLICT (queue, idempotency_key) DO NOTHING RETURNING id"
-            ))
-            .bind::<Text, _>(&row.queue)
-            .bind::<Text, _>(&row.payload)
-            .bind::<Nullable<Text>, _>(&row.idempotency_key)
-            .bind::<Integer, _>(row.max_attempts)
-            .bind::<BigInt, _>(row.delay_ms)
-            .load(self)?;
+            // Without a key the row cannot conflict: no ON CONFLICT clause then.
+            let sql = if row.idempotency_key.is_some() {
+                INSERT_KEYED.as_str()
+            } else {
+                INSERT_UNKEYED.as_str()
+            };
+            let ids: Vec<Id> = diesel::sql_query(sql)
+                .bind::<Text, _>(&row.queue)
+                .bind::<Text, _>(&row.payload)
+                .bind::<Nullable<Text>, _>(&row.idempotency_key)
+                .bind::<Integer, _>(row.max_attempts)
+                .bind::<BigInt, _>(row.delay_ms)
+                .load(self)?;
             Ok(ids.first().map(|r| r.id))
+        }
+
+        fn outbox_insert_many(&mut self, rows: &[NewRow]) -> QueryResult<usize> {
+            let mut written = 0;
+            let mut per_statement = SQLITE_ROWS.load(Ordering::Relaxed);
+            let mut rest = rows;
+            while !rest.is_empty() {
+                let chunk = &rest[..rest.len().min(per_statement)];
+                let keyed = chunk.iter().any(|r| r.idempotency_key.is_some());
+                let inserted = MultiInsert {
+                    rows: chunk,
+                    now_ms: NOW_MS,
+                    tail: if keyed {
+                        " ON CONFLICT (queue, idempotency_key) DO NOTHING"
+                    } else {
+                        ""
+                    },
+                }
+                .execute(self);
+                match inserted {
+                    // An SQLite older than 3.32 allows 999 parameters per statement.
+                    Err(diesel::result::Error::DatabaseError(_, ref info))
+                        if per_statement > SQLITE_ROWS_OLD
+                            && info.message().contains("too many SQL variables") =>
+                    {
+                        per_statement = SQLITE_ROWS_OLD;
+                        SQLITE_ROWS.store(SQLITE_ROWS_OLD, Ordering::Relaxed);
+                        continue;
+                    }
+                    other => written += other?,
+                }
+                rest = &rest[chunk.len()..];
+            }
+            Ok(written)
         }
 
         fn outbox_claim(
@@ -540,6 +736,13 @@ mod mysql {
 
     const NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
 
+    /// Rows per multi-row INSERT: 5 parameters a row within MySQL's 65,535, and at most
+    /// 4 MiB of payload (MariaDB's default `max_allowed_packet` is 16 MiB, MySQL's 64 MiB).
+    const MYSQL_ROWS: usize = 65_535 / 5;
+    const MYSQL_BYTES: usize = 4 << 20;
+
+    multi_insert_for!(diesel::mysql::Mysql, MysqlConnection);
+
     impl sealed::Sealed for MysqlConnection {}
 
     impl OutboxConnection for MysqlConnection {
@@ -575,6 +778,34 @@ mod mysql {
             let id: Id = diesel::sql_query("SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS id")
                 .get_result(self)?;
             Ok(Some(id.id))
+        }
+
+        fn outbox_insert_many(&mut self, rows: &[NewRow]) -> QueryResult<usize> {
+            let mut written = 0;
+            for chunk in chunks(rows, MYSQL_ROWS, MYSQL_BYTES) {
+                let inserted = MultiInsert {
+                    rows: chunk,
+                    now_ms: NOW_MS,
+                    tail: "",
+                }
+                .execute(self);
+                // A duplicate key fails the whole statement alone (the transaction goes on):
+                // then this piece again row by row, each duplicate a no-op. `ON DUPLICATE KEY
+                // UPDATE` would not tell how many rows are new (Diesel connects with
+                // CLIENT_FOUND_ROWS), `INSERT IGNORE` would also truncate over-long keys.
+                match inserted {
+                    Err(diesel::result::Error::DatabaseError(
+                        diesel::result::DatabaseErrorKind::UniqueViolation,
+                        _,
+                    )) if chunk.iter().any(|r| r.idempotency_key.is_some()) => {
+                        for row in chunk {
+                            written += usize::from(self.outbox_insert(row)?.is_some());
+                        }
+                    }
+                    other => written += other?,
+                }
+            }
+            Ok(written)
         }
 
         fn outbox_claim(

@@ -72,9 +72,10 @@ mod backend;
 mod listen;
 mod relay;
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -86,7 +87,7 @@ pub use relay::{
     Backoff, HandlerTimes, Job, JobId, QueueStats, Relay, RelayBuilder, RelayHandle, RelayStats,
 };
 
-use crate::{DeferError, PreCommitConnection, SignalConnection};
+use crate::{ConnectionId, DeferError, PreCommitConnection, SignalConnection};
 
 /// The outbox migrations, embedded, for `MigrationHarness::run_pending_migrations`.
 ///
@@ -446,6 +447,11 @@ impl<C: OutboxConnection> SignalConnection<C> {
     /// Returns the job's id, or `None` when an idempotency key made it a no-op. The payload is
     /// serialized now; a serialization error is returned here.
     ///
+    /// One statement, one round trip, per call: the id is known when it returns. To enqueue
+    /// many jobs in a loop, [`defer_durable!("queue", &payload)`](crate::defer_durable!) defers
+    /// them instead, and writes all those of the transaction in one statement just before
+    /// COMMIT.
+    ///
     /// After COMMIT the in-process relays wake at once.
     ///
     /// ```
@@ -492,9 +498,10 @@ impl<C: OutboxConnection> SignalConnection<C> {
     }
 
     /// Enqueues many [`DurableJob`]s at once and returns how many rows were written (a job
-    /// whose idempotency key is already present is a no-op). On PostgreSQL this is one
-    /// statement for all of them; on SQLite and MySQL one INSERT per job, so call it inside a
-    /// transaction there to make it all or nothing.
+    /// whose idempotency key is already present, or repeated among `jobs`, is a no-op). One
+    /// statement on PostgreSQL; on SQLite one per 6,553 jobs and on MySQL one per 13,107 jobs
+    /// or 4 MiB of payload (a piece with a duplicate key is written again row by row there,
+    /// to count the new rows), so call it inside a transaction to make it all or nothing.
     ///
     /// ```
     /// # #[cfg(feature = "sqlite")] {
@@ -535,26 +542,59 @@ impl<C: OutboxConnection> SignalConnection<C> {
 
 /// Enqueues a durable job ([`SignalConnection::defer_durable`]).
 ///
-/// - `defer_durable!(conn, "queue", &payload)` on a connection;
+/// - `defer_durable!(conn, "queue", &payload)` on a connection: the row is written now and its
+///   id returned, as [`SignalConnection::defer_durable`] does;
 /// - `defer_durable!("queue", &payload)` without one, into the innermost transaction open on
 ///   this thread (as [`defer!`](crate::defer!) does): the payload is serialized now, the row is
 ///   written just before that transaction's COMMIT. Outside a transaction this returns
-///   [`OutboxError::NoTransaction`].
+///   [`OutboxError::NoTransaction`];
+/// - `defer_durable!(job)` with a [`DurableJob`] (idempotency key, attempts, delay): the same,
+///   written just before COMMIT.
 ///
-/// Evaluates to `Result<Option<JobId>, OutboxError>` (the connection-less form returns
+/// Evaluates to `Result<Option<JobId>, OutboxError>` (the connection-less forms return
 /// `Result<(), OutboxError>`: the id is known only at COMMIT).
+///
+/// # Many jobs in one transaction: one statement
+///
+/// The jobs of the connection-less forms are written together: all those of one transaction
+/// in one multi-row `INSERT` just before COMMIT (PostgreSQL: one statement for any number;
+/// SQLite: one per 6,553 jobs; MySQL: one per 13,107 jobs or 4 MiB of payload), still inside
+/// the transaction, so they commit or roll back with it. When each outcome is known:
+///
+/// - a payload that cannot be serialized, or an invalid queue name: at the call, as
+///   `Err(OutboxError::Serialize | InvalidQueue)`; nothing is queued, the transaction goes on;
+/// - a job deferred inside a savepoint (a nested `transaction`) that rolls back: discarded
+///   with it, never written;
+/// - an idempotency key already in the table, or repeated in the same transaction: the later
+///   job is a no-op (the first one written wins), as with [`SignalConnection::enqueue`];
+///   it is not an error (a debug-level log line counts the no-ops);
+/// - the database refusing the rows (a constraint, a lost connection, a serialization
+///   failure): at COMMIT, which does not happen. The transaction rolls back and `transaction`
+///   returns the database error with its kind unchanged and its message naming the write
+///   ("defer_durable!: writing 1000 durable jobs (queue emails) before COMMIT failed: ...").
+///
+/// The rows are written after the other pre-commit work registered in the same round of the
+/// pre-commit phase ([`before_commit`](SignalConnection::before_commit)): a `before_commit`
+/// hook that reads `dts_outbox` does not see them yet. Use `conn.defer_durable` (or
+/// [`SignalConnection::enqueue`]) when the id is needed at once; it costs one round trip per
+/// job.
 ///
 /// ```
 /// # #[cfg(feature = "sqlite")] {
 /// use diesel::prelude::*;
 /// use diesel_migrations::MigrationHarness;
-/// use diesel_transaction_signals::{defer_durable, outbox, SignalConnection};
+/// use diesel_transaction_signals::outbox::{self, DurableJob};
+/// use diesel_transaction_signals::{defer_durable, SignalConnection};
 ///
 /// let mut conn = SignalConnection::<SqliteConnection>::establish(":memory:").unwrap();
 /// conn.run_pending_migrations(outbox::migrations::SQLITE).unwrap();
 /// conn.transaction(|conn| {
 ///     defer_durable!(conn, "emails", &"ada@example.com")?;
 ///     defer_durable!("emails", &"bob@example.com")?; // no handle needed
+///     for n in 0..1000 {
+///         defer_durable!("numbers", &n)?; // all 1,000 in one INSERT at COMMIT
+///     }
+///     defer_durable!(DurableJob::new("emails", &"eve@example.com")?.idempotency_key("eve"))?;
 ///     Ok::<_, outbox::OutboxError>(())
 /// }).unwrap();
 /// assert!(defer_durable!("emails", &"no transaction").is_err());
@@ -568,38 +608,106 @@ macro_rules! defer_durable {
     ($queue:expr, $payload:expr $(,)?) => {
         $crate::outbox::defer_durable_here($crate::outbox::DurableJob::new($queue, $payload))
     };
+    ($job:expr $(,)?) => {
+        $crate::outbox::defer_durable_here(::core::result::Result::<
+            $crate::outbox::DurableJob,
+            $crate::outbox::OutboxError,
+        >::Ok($job))
+    };
 }
 
 /// `defer_durable!` without a connection: the row is written just before COMMIT, through the
 /// crate's public pre-commit extension point
-/// ([`defer_before_commit`](crate::defer_before_commit)).
+/// ([`defer_before_commit`](crate::defer_before_commit)), together with the other durable
+/// jobs of the same transaction in one multi-row INSERT (see `stage`).
 #[doc(hidden)]
 #[track_caller]
 pub fn defer_durable_here(job: Result<DurableJob, OutboxError>) -> Result<(), OutboxError> {
     let row = job?.row;
-    crate::defer_before_commit(move |conn: &mut PreCommitConnection<'_>| insert_erased(conn, &row))
-        .map_err(|e| match e {
+    crate::defer_before_commit(move |conn: &mut PreCommitConnection<'_>| stage(conn, row)).map_err(
+        |e| match e {
             DeferError::NoTransaction => OutboxError::NoTransaction,
             _ => OutboxError::CommitInFlight,
-        })
+        },
+    )
 }
 
-/// Writes a row handed over by `defer_durable!` on the connection about to commit, whatever its
-/// type, and rings the relays' bell once it commits.
-fn insert_erased(conn: &mut PreCommitConnection<'_>, row: &NewRow) -> diesel::QueryResult<()> {
+/// The durable jobs staged for one transaction's COMMIT, written by one flush.
+///
+/// How jobs of one transaction end up in one statement: each `defer_durable!` registers its
+/// own pre-commit work (so a savepoint that rolls back discards its jobs, as it discards any
+/// pre-commit work, and nothing about a job is decided before the pre-commit phase). When
+/// that work runs, in the pre-commit phase of the connection that commits, it only adds the
+/// row to this connection's open `Batch`; the first row of a batch also registers the flush
+/// (`before_commit` on the same connection), which the pre-commit phase runs in its next round,
+/// after the work of the current one. The flush closes the batch and writes its rows in
+/// order; a job staged after that (from pre-commit work of a later round) opens the next batch.
+/// If the transaction rolls back before the flush, the batch is dropped with it.
+struct Batch {
+    rows: Vec<NewRow>,
+    closed: bool,
+}
+
+type SharedBatch = Arc<Mutex<Batch>>;
+
+thread_local! {
+    /// The open batch of each connection committing on this thread (usually none or one).
+    static OPEN_BATCHES: RefCell<Vec<(ConnectionId, Weak<Mutex<Batch>>)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+/// Adds `row` to the open batch of the connection about to commit, opening one (and
+/// registering its flush) if there is none.
+fn stage(conn: &mut PreCommitConnection<'_>, row: NewRow) -> diesel::QueryResult<()> {
+    let id = conn.id();
+    let mut row = Some(row);
+    OPEN_BATCHES.with(|open| {
+        let mut open = open.borrow_mut();
+        open.retain(|(_, b)| b.strong_count() > 0);
+        if let Some(batch) = open
+            .iter()
+            .find(|(c, _)| *c == id)
+            .and_then(|(_, b)| b.upgrade())
+        {
+            let mut batch = batch.lock().unwrap_or_else(|e| e.into_inner());
+            if !batch.closed {
+                batch.rows.push(row.take().expect("staged once"));
+            }
+        }
+    });
+    let Some(row) = row else { return Ok(()) };
+    let batch: SharedBatch = Arc::new(Mutex::new(Batch {
+        rows: vec![row],
+        closed: false,
+    }));
+    let weak = Arc::downgrade(&batch);
+    register_flush(conn, batch)?;
+    OPEN_BATCHES.with(|open| {
+        let mut open = open.borrow_mut();
+        open.retain(|(c, b)| *c != id && b.strong_count() > 0);
+        open.push((id, weak));
+    });
+    Ok(())
+}
+
+/// Registers the flush of `batch` on the connection, whatever its type.
+fn register_flush(
+    conn: &mut PreCommitConnection<'_>,
+    batch: SharedBatch,
+) -> diesel::QueryResult<()> {
     #[cfg(feature = "postgres")]
     if let Some(c) = conn.connection::<diesel::PgConnection>() {
-        return c.enqueue_row(row);
+        return c.before_commit(move |c| c.flush_batch(&batch));
     }
     #[cfg(feature = "sqlite")]
     if let Some(c) = conn.connection::<diesel::SqliteConnection>() {
-        return c.enqueue_row(row);
+        return c.before_commit(move |c| c.flush_batch(&batch));
     }
     #[cfg(feature = "mysql")]
     if let Some(c) = conn.connection::<diesel::MysqlConnection>() {
-        return c.enqueue_row(row);
+        return c.before_commit(move |c| c.flush_batch(&batch));
     }
-    let _ = row;
+    let _ = batch;
     Err(diesel::result::Error::QueryBuilderError(
         format!(
             "defer_durable! needs a SignalConnection of SqliteConnection, PgConnection or \
@@ -612,10 +720,82 @@ fn insert_erased(conn: &mut PreCommitConnection<'_>, row: &NewRow) -> diesel::Qu
 }
 
 impl<C: OutboxConnection> SignalConnection<C> {
-    fn enqueue_row(&mut self, row: &NewRow) -> diesel::QueryResult<()> {
-        self.outbox_insert(row)?;
+    /// Closes `batch` and writes its rows (one multi-row INSERT, or one per chunk), then rings
+    /// the relays' bell once the transaction commits. A database error keeps its kind (so a
+    /// caller can still retry a serialization failure) and its message says which write failed.
+    fn flush_batch(&mut self, batch: &Mutex<Batch>) -> diesel::QueryResult<()> {
+        let rows = {
+            let mut batch = batch.lock().unwrap_or_else(|e| e.into_inner());
+            batch.closed = true;
+            std::mem::take(&mut batch.rows)
+        };
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let written = self
+            .outbox_insert_many(&rows)
+            .map_err(|e| batch_error(e, &rows))?;
+        if written < rows.len() {
+            log::debug!(
+                target: "diesel_transaction_signals",
+                "defer_durable!: {} of {} durable jobs were no-ops (idempotency key already present)",
+                rows.len() - written,
+                rows.len()
+            );
+        }
         self.wake_after_commit();
         Ok(())
+    }
+}
+
+/// A database error from writing a batch of `defer_durable!` jobs: the same kind, the message
+/// prefixed with what was being written.
+fn batch_error(e: diesel::result::Error, rows: &[NewRow]) -> diesel::result::Error {
+    match e {
+        diesel::result::Error::DatabaseError(kind, info) => {
+            let mut queues: Vec<&str> = rows.iter().map(|r| r.queue.as_str()).collect();
+            queues.sort_unstable();
+            queues.dedup();
+            let message = format!(
+                "defer_durable!: writing {} durable job{} (queue{} {}) before COMMIT failed: {}",
+                rows.len(),
+                if rows.len() == 1 { "" } else { "s" },
+                if queues.len() == 1 { "" } else { "s" },
+                queues.join(", "),
+                info.message()
+            );
+            diesel::result::Error::DatabaseError(kind, Box::new(BatchErrorInfo { message, info }))
+        }
+        other => other,
+    }
+}
+
+struct BatchErrorInfo {
+    message: String,
+    info: Box<dyn diesel::result::DatabaseErrorInformation + Send + Sync>,
+}
+
+impl diesel::result::DatabaseErrorInformation for BatchErrorInfo {
+    fn message(&self) -> &str {
+        &self.message
+    }
+    fn details(&self) -> Option<&str> {
+        self.info.details()
+    }
+    fn hint(&self) -> Option<&str> {
+        self.info.hint()
+    }
+    fn table_name(&self) -> Option<&str> {
+        self.info.table_name()
+    }
+    fn column_name(&self) -> Option<&str> {
+        self.info.column_name()
+    }
+    fn constraint_name(&self) -> Option<&str> {
+        self.info.constraint_name()
+    }
+    fn statement_position(&self) -> Option<i32> {
+        self.info.statement_position()
     }
 }
 
