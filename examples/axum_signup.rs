@@ -24,7 +24,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DbError};
-use diesel_async::pooled_connection::deadpool::{Pool, PoolError};
+use diesel_async::pooled_connection::deadpool::{Object, Pool, PoolError};
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -152,34 +152,40 @@ async fn signup(
 ) -> Result<(StatusCode, Json<User>), AppError> {
     let mailer = app.mailer;
     let id = with_conn!(&app.db, |conn| {
-        // When the timeout fires it drops the transaction future: the transaction never
-        // commits, its deferred mail is never sent, and the pool discards the connection
-        // instead of handing it out again mid-transaction.
-        tokio::time::timeout(
-            app.timeout,
-            conn.transaction(async |conn| {
-                // Not sent now: after COMMIT, and never if the transaction rolls back, so it
-                // may be deferred first: if the INSERT below fails (the address is taken) or
-                // the timeout fires, no mail goes out. `defer!` needs no connection handle: it
-                // finds the transaction open in this task, however deep in the call stack.
-                defer!(mailer.send(Mail {
-                    to: email.clone(),
-                    subject: "Welcome!".into(),
-                }));
-                let id = diesel::insert_into(users::table)
-                    .values(users::email.eq(&email))
-                    .returning(users::id)
-                    .get_result::<i32>(conn)
-                    .await?;
-                if delay_ms > 0 {
-                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-                }
-                QueryResult::Ok(id)
-            }),
-        )
-        .await
-    })
-    .map_err(|_elapsed| AppError::Timeout)??;
+        // `(*conn)`: the signal connection's own `transaction`, rather than the generic one
+        // diesel-async gives the pool object, which skips the connection's bookkeeping for a
+        // transaction future that is dropped.
+        let signup = (*conn).transaction(async |conn| {
+            // Not sent now: after COMMIT, and never if the transaction rolls back, so it may
+            // be deferred first: if the INSERT below fails (the address is taken) or the
+            // timeout fires, no mail goes out. `defer!` needs no connection handle: it finds
+            // the transaction open in this task, however deep in the call stack.
+            defer!(mailer.send(Mail {
+                to: email.clone(),
+                subject: "Welcome!".into(),
+            }));
+            let id = diesel::insert_into(users::table)
+                .values(users::email.eq(&email))
+                .returning(users::id)
+                .get_result::<i32>(conn)
+                .await?;
+            if delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            }
+            QueryResult::Ok(id)
+        });
+        match tokio::time::timeout(app.timeout, signup).await {
+            Ok(id) => id?,
+            Err(_elapsed) => {
+                // The timeout dropped the transaction future: it never commits and its mail is
+                // never sent, but it is still open on the server, holding its locks. Close the
+                // connection now (the server rolls back) rather than put it back in the pool,
+                // which would discard it only when it next hands it out.
+                drop(Object::take(conn));
+                return Err(AppError::Timeout);
+            }
+        }
+    });
     Ok((StatusCode::CREATED, Json(User { id, email })))
 }
 

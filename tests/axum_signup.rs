@@ -35,6 +35,8 @@ struct Server {
     http: reqwest::Client,
     db_url: String,
     backend: Backend,
+    /// The server's pool (a handle on the same one).
+    db: app::Db,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -42,6 +44,10 @@ struct Server {
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn start(backend: Backend, timeout: Duration) -> Server {
+    start_with(backend, timeout, 1).await
+}
+
+async fn start_with(backend: Backend, timeout: Duration, pool_size: usize) -> Server {
     let (db_url, dir) = match backend {
         // Migrates the shared database once per process: `users` exists before the example's
         // CREATE TABLE IF NOT EXISTS, which would race with itself in parallel tests.
@@ -55,10 +61,10 @@ async fn start(backend: Backend, timeout: Duration) -> Server {
             (url, Some(dir))
         }
     };
-    let db = app::Db::connect(&db_url, 1).await.unwrap();
+    let db = app::Db::connect(&db_url, pool_size).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let router = app::router(db, app::Mailer::default(), timeout);
+    let router = app::router(db.clone(), app::Mailer::default(), timeout);
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     let http = reqwest::Client::builder()
         .no_proxy()
@@ -70,6 +76,7 @@ async fn start(backend: Backend, timeout: Duration) -> Server {
         http,
         db_url,
         backend,
+        db,
         _dir: dir,
     }
 }
@@ -242,6 +249,27 @@ async fn timeout_sends_nothing(backend: Backend) {
     assert_eq!(server.sent().await, HashMap::from([(slow, 1), (again, 1)]));
 }
 
+/// With two connections in the pool, the one a timed-out transaction was on must not go back
+/// to the pool still holding that transaction's locks: a retry of the same address, on the
+/// other connection, would wait for them (PostgreSQL) or find the database locked (SQLite).
+async fn timeout_releases_locks_at_once(backend: Backend) {
+    let server = start_with(backend, Duration::from_secs(2), 2).await;
+    // Two idle connections, handed out in this order.
+    match &server.db {
+        app::Db::Postgres(pool) => drop((pool.get().await.unwrap(), pool.get().await.unwrap())),
+        app::Db::Sqlite(pool) => drop((pool.get().await.unwrap(), pool.get().await.unwrap())),
+    }
+    let slow = email("locked");
+    let (status, _) = server
+        .signup(json!({ "email": slow, "delay_ms": 60_000 }))
+        .await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    let (status, body) = server.signup(json!({ "email": slow })).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(server.rows(&slow), 1);
+    assert_eq!(server.sent().await, HashMap::from([(slow, 1)]));
+}
+
 macro_rules! backends {
     ($($name:ident: $backend:expr;)*) => {$(
         mod $name {
@@ -254,6 +282,10 @@ macro_rules! backends {
             async fn concurrent_signups() { super::concurrent_signups($backend).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn timeout_sends_nothing() { super::timeout_sends_nothing($backend).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn timeout_releases_locks_at_once() {
+                super::timeout_releases_locks_at_once($backend).await
+            }
         }
     )*};
 }
