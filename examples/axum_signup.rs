@@ -248,6 +248,10 @@ async fn main() -> Result<(), BoxError> {
     let port: u16 = std::env::var("PORT").map_or(Ok(3000), |p| p.parse())?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app).await?;
+    // Ctrl-C stops it cleanly (and removes the temporary database).
+    let ctrl_c = async { tokio::signal::ctrl_c().await.unwrap_or(()) };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(ctrl_c)
+        .await?;
     Ok(())
 }
