@@ -14,8 +14,10 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod async_blocking;
 mod async_driver;
 mod async_model;
+mod axum_signup;
 mod defer_macro;
 mod dropin;
 mod faults;
