@@ -705,17 +705,21 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
     /// use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
     /// use diesel_async::AsyncConnection;
     /// use diesel_transaction_signals::AsyncSignalConnection;
-    /// use std::time::Duration;
     ///
     /// # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
     /// let raw: SyncConnectionWrapper<SqliteConnection> = SyncConnectionWrapper::new(SqliteConnection::establish(":memory:").unwrap());
     /// let mut conn = AsyncSignalConnection::new(raw);
     /// let (tx, rx) = std::sync::mpsc::channel();
-    /// let timed_out = tokio::time::timeout(Duration::from_millis(10), conn.transaction(async |c| {
-    ///     c.on_rollback(move || tx.send("rolled back").unwrap());
-    ///     std::future::pending::<QueryResult<()>>().await // never finishes
-    /// })).await;
-    /// assert!(timed_out.is_err());
+    /// let (entered, inside) = tokio::sync::oneshot::channel::<()>();
+    /// let abandoned = tokio::select! {
+    ///     _ = conn.transaction(async |c| {
+    ///         c.on_rollback(move || tx.send("rolled back").unwrap());
+    ///         entered.send(()).unwrap();
+    ///         std::future::pending::<QueryResult<()>>().await // never finishes
+    ///     }) => false,
+    ///     _ = inside => true, // the caller gives up: the transaction future is dropped
+    /// };
+    /// assert!(abandoned);
     /// conn.roll_back_abandoned().await.unwrap();
     /// assert_eq!(rx.try_recv(), Ok("rolled back"));
     /// assert_eq!(conn.transaction_depth(), 0);

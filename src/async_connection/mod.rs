@@ -74,6 +74,11 @@ type AfterCommit = Arc<
 /// a transaction is open). Dropped while COMMIT is in flight, its hooks settle
 /// [`Outcome::Unknown`].
 ///
+/// Through a pool object, call this type's own `transaction` (`(*conn).transaction(..)`): the
+/// pool object's `transaction` is diesel-async's generic one, which calls only the transaction
+/// manager, so hooks work there but a dropped future cannot be seen until the pool discards
+/// the connection at its next checkout.
+///
 /// # Example
 ///
 /// ```
