@@ -4,8 +4,10 @@
 //!
 //! libpq delivers notifications only when the connection reads from its socket, and Diesel's
 //! `PgConnection::notifications_iter` reads without blocking (`PQconsumeInput`, then
-//! `PQnotifies`): the listener looks every [`TICK`], which costs one non-blocking `recv` when
-//! nothing arrived. A closed connection shows up there as an error.
+//! `PQnotifies`): the listener looks every tick, which costs one non-blocking `recv` when
+//! nothing arrived. The tick adapts: [`TICK_MIN`] right after a notification (a stream of jobs
+//! is picked up within about a millisecond), doubling at each empty look up to [`TICK`] (an idle
+//! listener wakes 20 times a second). A closed connection shows up there as an error.
 //!
 //! A failure to connect or to `LISTEN`, or a lost connection, is logged once as a warning; the
 //! retries back off exponentially (from [`FIRST_RETRY`] up to [`MAX_RETRY`]) and are logged at
@@ -20,8 +22,10 @@ use diesel::{Connection, PgConnection};
 
 use super::{bell_generation, wait_for_bell, wake};
 
-/// How often the listening connection is checked for notifications.
+/// The longest wait between two looks at the listening connection (an idle listener).
 pub(super) const TICK: Duration = Duration::from_millis(50);
+/// The wait after a look that found a notification; it doubles after each empty look.
+pub(super) const TICK_MIN: Duration = Duration::from_millis(1);
 /// The first wait after a failed connection or `LISTEN`; it doubles at each further failure.
 pub(super) const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// The longest wait between two attempts to connect.
@@ -104,6 +108,7 @@ pub(super) fn run(url: &str, relay: &str, stopping: impl Fn() -> bool) {
         retry = FIRST_RETRY;
         // Anything committed before LISTEN took effect is found by the claim this rings in.
         wake();
+        let mut tick = TICK_MIN;
         loop {
             if stopping() {
                 return;
@@ -121,6 +126,9 @@ pub(super) fn run(url: &str, relay: &str, stopping: impl Fn() -> bool) {
             }
             if notified {
                 wake();
+                tick = TICK_MIN;
+            } else {
+                tick = (tick * 2).min(TICK);
             }
             if let Some(e) = error {
                 log::warn!(target: "diesel_transaction_signals",
@@ -130,7 +138,7 @@ pub(super) fn run(url: &str, relay: &str, stopping: impl Fn() -> bool) {
                 lost = true;
                 break;
             }
-            pause(TICK, &stopping);
+            pause(tick, &stopping);
         }
     }
 }
