@@ -27,7 +27,7 @@ use diesel_async::{AsyncConnection, TransactionManager};
 use super::forward::AsyncFunc;
 use super::watch::Backend;
 use super::{AsyncSignalConnection, AsyncWork};
-use crate::connection::manager::{classify_commit_error, status_of};
+use crate::connection::manager::{classify_commit_error, commit_result, status_of};
 use crate::connection::server::{ends_transaction, Ending};
 use crate::error::TransactionAborted;
 use crate::ledger::{Call, Op, Plan, Status};
@@ -181,21 +181,14 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         Some(inner)
     }
 
-    /// Row E1: the server ended the transaction; the caller's levels stay open with `fate`.
+    /// Row E1: the server ended the transaction; the caller's levels stay open with `fate`,
+    /// and diesel-async's status says what the server has: no transaction.
     #[cold]
     fn lose(&mut self, fate: Outcome, cause: &str) {
-        if self.book.ledger.depth() == 0 {
-            return;
+        if self.book.lose(fate, cause) {
+            *C::TransactionManager::transaction_manager_status_mut(&mut self.inner) =
+                TransactionManagerStatus::Valid(ValidTransactionManagerStatus::default());
         }
-        log::warn!(
-            target: "diesel_transaction_signals",
-            "connection {}: the database ended the transaction on its own ({cause}); its hooks \
-             settle {fate}, and statements are refused until its outermost level ends",
-            self.book.label
-        );
-        self.book.ledger.lose(fate);
-        *C::TransactionManager::transaction_manager_status_mut(&mut self.inner) =
-            TransactionManagerStatus::Valid(ValidTransactionManagerStatus::default());
     }
 
     /// Refuses a statement that must not run now, and tells the watch where it runs.
@@ -488,7 +481,7 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         &mut self,
         plan: Plan,
         before: Status,
-        mut result: QueryResult<()>,
+        result: QueryResult<()>,
     ) -> QueryResult<()> {
         let after = self.status();
         let call = match &result {
@@ -498,24 +491,7 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         let lost = self.book.ledger.lost();
         let step = self.book.ledger.step(Op::Commit, plan, before, call, after);
         self.book.apply(step);
-        match plan {
-            Plan::RollbackInstead => {
-                let aborted = TransactionAborted::into_error();
-                result = Err(match result {
-                    Ok(()) => aborted,
-                    Err(rollback_error) => Error::RollbackErrorOnCommit {
-                        rollback_error: Box::new(rollback_error),
-                        commit_error: Box::new(aborted),
-                    },
-                });
-            }
-            Plan::Nothing if lost == Some(Outcome::Committed) => {}
-            Plan::Nothing if lost.is_some() || result.is_ok() => {
-                result = Err(TransactionAborted::lost_error());
-            }
-            _ => {}
-        }
-        result
+        commit_result(plan, lost, result)
     }
 
     /// The phase between the closure's end and COMMIT: `PRE_COMMIT` receivers, then the
@@ -534,17 +510,9 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
             if self.book.ledger.depth() != 1 || self.book.ledger.lost().is_some() {
                 return Ok(());
             }
-            let mut pending = self.book.ledger.take_pre_commit();
-            if pending.is_empty() {
-                let slot = self.book.seal();
-                self.book.drain_inbox();
-                pending = self.book.ledger.take_pre_commit();
-                if pending.is_empty() {
-                    self.book.ledger.seal();
-                    return Ok(());
-                }
-                registry::unseal(slot, &self.book.inbox);
-            }
+            let Some(pending) = self.book.next_pre_commit_round() else {
+                return Ok(());
+            };
             let mut pending = pending.into_iter();
             while let Some(hook) = pending.next() {
                 let location = hook.location();
@@ -570,23 +538,10 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
                     Ok(Err(e)) => Err(e),
                     Err(panic) => Ok(panic),
                 };
-                for rest in pending {
-                    self.book.ledger.totals.discarded += 1;
-                    log::debug!(
-                        target: "diesel_transaction_signals",
-                        "before_commit hook registered at {} discarded: an earlier one failed",
-                        rest.location()
-                    );
-                }
+                self.book
+                    .pre_commit_failed(location, failure.as_ref().err(), pending);
                 match failure {
-                    Err(e) => {
-                        log::debug!(
-                            target: "diesel_transaction_signals",
-                            "connection {}: before_commit hook registered at {location} refused the commit: {e}",
-                            self.book.label
-                        );
-                        return Err(e);
-                    }
+                    Err(e) => return Err(e),
                     Ok(panic) => {
                         let _ = self.rollback_to(1, "a before_commit hook panicked").await;
                         resume_unwind(panic);

@@ -186,6 +186,70 @@ impl Bookkeeping {
         level.slot
     }
 
+    /// The next round of the pre-commit phase: the queued pre-commit work, in registration
+    /// order. With none queued, the ledger is sealed, what slipped in before the seal is taken,
+    /// and `None` ends the phase (the ledger stays sealed until the transaction ends). Call
+    /// with the outermost level alone open.
+    pub(crate) fn next_pre_commit_round(&mut self) -> Option<Vec<Hook>> {
+        let pending = self.ledger.take_pre_commit();
+        if !pending.is_empty() {
+            return Some(pending);
+        }
+        // Close the door, then take what slipped in before it closed.
+        let slot = self.seal();
+        self.drain_inbox();
+        let pending = self.ledger.take_pre_commit();
+        if pending.is_empty() {
+            self.ledger.seal();
+            return None;
+        }
+        registry::unseal(slot, &self.inbox);
+        Some(pending)
+    }
+
+    /// A pre-commit hook registered at `location` failed (`Err`: it refused the commit; a
+    /// panic otherwise): the rest of its round is discarded, each with a log line.
+    pub(crate) fn pre_commit_failed(
+        &mut self,
+        location: &std::panic::Location<'static>,
+        error: Option<&diesel::result::Error>,
+        rest: impl Iterator<Item = Hook>,
+    ) {
+        for hook in rest {
+            self.ledger.totals.discarded += 1;
+            log::debug!(
+                target: "diesel_transaction_signals",
+                "before_commit hook registered at {} discarded: an earlier one failed",
+                hook.location()
+            );
+        }
+        if let Some(e) = error {
+            log::debug!(
+                target: "diesel_transaction_signals",
+                "connection {}: before_commit hook registered at {location} refused the commit: {e}",
+                self.label
+            );
+        }
+    }
+
+    /// Row E1: the server ended the transaction; the caller's levels stay open with `fate`.
+    /// Returns whether there were levels (the driver then tells its inner connection that no
+    /// transaction is open).
+    #[cold]
+    pub(crate) fn lose(&mut self, fate: Outcome, cause: &str) -> bool {
+        if self.ledger.depth() == 0 {
+            return false;
+        }
+        log::warn!(
+            target: "diesel_transaction_signals",
+            "connection {}: the database ended the transaction on its own ({cause}); its hooks \
+             settle {fate}, and statements are refused until its outermost level ends",
+            self.label
+        );
+        self.ledger.lose(fate);
+        true
+    }
+
     /// Carries out a ledger [`Step`] that the transition table chose.
     #[inline(always)]
     pub(crate) fn apply(&mut self, step: Step) {

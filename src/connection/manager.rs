@@ -315,7 +315,7 @@ fn commit_settled<C: Connection + 'static>(
     conn: &mut SignalConnection<C>,
     mut plan: Plan,
     before: Status,
-    mut result: QueryResult<()>,
+    result: QueryResult<()>,
 ) -> QueryResult<()> {
     if let Err(e) = &result {
         if plan == Plan::Forward && before.depth() > 1 && conn.savepoint_gone(e) {
@@ -334,24 +334,31 @@ fn commit_settled<C: Connection + 'static>(
     let lost = conn.book.ledger.lost();
     let step = conn.book.ledger.step(Op::Commit, plan, before, call, after);
     conn.book.apply(step);
+    commit_result(plan, lost, result)
+}
+
+/// What `commit_transaction` returns for a commit planned as `plan` whose inner call returned
+/// `result`, in a transaction the server had ended with fate `lost` (if it had): both drivers.
+pub(crate) fn commit_result(
+    plan: Plan,
+    lost: Option<Outcome>,
+    result: QueryResult<()>,
+) -> QueryResult<()> {
     match plan {
         Plan::RollbackInstead => {
             let aborted = TransactionAborted::into_error();
-            result = Err(match result {
+            Err(match result {
                 Ok(()) => aborted,
                 Err(rollback_error) => Error::RollbackErrorOnCommit {
                     rollback_error: Box::new(rollback_error),
                     commit_error: Box::new(aborted),
                 },
-            });
+            })
         }
-        Plan::Nothing if lost == Some(Outcome::Committed) => {}
-        Plan::Nothing if lost.is_some() || result.is_ok() => {
-            result = Err(TransactionAborted::lost_error());
-        }
-        _ => {}
+        Plan::Nothing if lost == Some(Outcome::Committed) => result,
+        Plan::Nothing if lost.is_some() || result.is_ok() => Err(TransactionAborted::lost_error()),
+        _ => result,
     }
-    result
 }
 
 /// `Connection::transaction` with a custom begin (`BEGIN IMMEDIATE`, an isolation level), made
@@ -467,18 +474,9 @@ impl<C: Connection + 'static> SignalConnection<C> {
                 // A hook ended the transaction itself; COMMIT will report it.
                 return Ok(());
             }
-            let mut pending = self.book.ledger.take_pre_commit();
-            if pending.is_empty() {
-                // Close the door, then take what slipped in before it closed.
-                let slot = self.book.seal();
-                self.book.drain_inbox();
-                pending = self.book.ledger.take_pre_commit();
-                if pending.is_empty() {
-                    self.book.ledger.seal();
-                    return Ok(());
-                }
-                registry::unseal(slot, &self.book.inbox);
-            }
+            let Some(pending) = self.book.next_pre_commit_round() else {
+                return Ok(());
+            };
             let mut pending = pending.into_iter();
             while let Some(hook) = pending.next() {
                 let location = hook.location();
@@ -499,23 +497,10 @@ impl<C: Connection + 'static> SignalConnection<C> {
                     Ok(Err(e)) => Err(e),
                     Err(panic) => Ok(panic),
                 };
-                for rest in pending {
-                    self.book.ledger.totals.discarded += 1;
-                    log::debug!(
-                        target: "diesel_transaction_signals",
-                        "before_commit hook registered at {} discarded: an earlier one failed",
-                        rest.location()
-                    );
-                }
+                self.book
+                    .pre_commit_failed(location, failure.as_ref().err(), pending);
                 match failure {
-                    Err(e) => {
-                        log::debug!(
-                            target: "diesel_transaction_signals",
-                            "connection {}: before_commit hook registered at {location} refused the commit: {e}",
-                            self.book.label
-                        );
-                        return Err(e);
-                    }
+                    Err(e) => return Err(e),
                     Ok(panic) => {
                         let _ = self.rollback_to(1, "a before_commit hook panicked");
                         resume_unwind(panic);

@@ -72,17 +72,9 @@ impl<C: Connection + 'static> SignalConnection<C> {
     /// refused until the caller's outermost level ends.
     #[cold]
     pub(crate) fn lose(&mut self, fate: Outcome, cause: &str) {
-        if self.book.ledger.depth() == 0 {
-            return;
+        if self.book.lose(fate, cause) {
+            reset_status(&mut self.inner);
         }
-        log::warn!(
-            target: "diesel_transaction_signals",
-            "connection {}: the database ended the transaction on its own ({cause}); its hooks \
-             settle {fate}, and statements are refused until its outermost level ends",
-            self.book.label
-        );
-        self.book.ledger.lose(fate);
-        reset_status(&mut self.inner);
     }
 
     /// Refuses a statement while the caller's transaction is one the server ended, and runs
