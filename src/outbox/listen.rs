@@ -5,9 +5,10 @@
 //! libpq delivers notifications only when the connection reads from its socket, and Diesel's
 //! `PgConnection::notifications_iter` reads without blocking (`PQconsumeInput`, then
 //! `PQnotifies`): the listener looks every tick, which costs one non-blocking `recv` when
-//! nothing arrived. The tick adapts: [`TICK_MIN`] right after a notification (a stream of jobs
-//! is picked up within about a millisecond), doubling at each empty look up to [`TICK`] (an idle
-//! listener wakes 20 times a second). A closed connection shows up there as an error.
+//! nothing arrived. The tick adapts: [`TICK_MIN`] while notifications keep coming (within
+//! [`ACTIVE`] of the last one: a stream of jobs is picked up within about a millisecond), then
+//! doubling at each empty look up to [`TICK`] (an idle listener wakes 20 times a second). A
+//! closed connection shows up there as an error.
 //!
 //! A failure to connect or to `LISTEN`, or a lost connection, is logged once as a warning; the
 //! retries back off exponentially (from [`FIRST_RETRY`] up to [`MAX_RETRY`]) and are logged at
@@ -24,8 +25,11 @@ use super::{bell_generation, wait_for_bell, wake};
 
 /// The longest wait between two looks at the listening connection (an idle listener).
 pub(super) const TICK: Duration = Duration::from_millis(50);
-/// The wait after a look that found a notification; it doubles after each empty look.
+/// The wait between looks while notifications keep coming.
 pub(super) const TICK_MIN: Duration = Duration::from_millis(1);
+/// How long after the last notification the listener keeps looking every [`TICK_MIN`]; then
+/// the wait doubles at each empty look, up to [`TICK`].
+pub(super) const ACTIVE: Duration = Duration::from_millis(200);
 /// The first wait after a failed connection or `LISTEN`; it doubles at each further failure.
 pub(super) const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// The longest wait between two attempts to connect.
@@ -109,6 +113,7 @@ pub(super) fn run(url: &str, relay: &str, stopping: impl Fn() -> bool) {
         // Anything committed before LISTEN took effect is found by the claim this rings in.
         wake();
         let mut tick = TICK_MIN;
+        let mut last_notified = Instant::now();
         loop {
             if stopping() {
                 return;
@@ -127,7 +132,8 @@ pub(super) fn run(url: &str, relay: &str, stopping: impl Fn() -> bool) {
             if notified {
                 wake();
                 tick = TICK_MIN;
-            } else {
+                last_notified = Instant::now();
+            } else if last_notified.elapsed() > ACTIVE {
                 tick = (tick * 2).min(TICK);
             }
             if let Some(e) = error {
