@@ -68,9 +68,11 @@
 
 mod admin;
 mod backend;
+mod job;
 #[cfg(feature = "outbox-listen")]
 mod listen;
 mod relay;
+mod stats;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -82,9 +84,9 @@ use serde::Serialize;
 pub use admin::{Admin, DeadLetter, Lease, QueueStatus};
 pub(crate) use backend::NewRow;
 pub use backend::OutboxConnection;
-pub use relay::{
-    Backoff, HandlerTimes, Job, JobId, QueueStats, Relay, RelayBuilder, RelayHandle, RelayStats,
-};
+pub use job::{Backoff, Job, JobId};
+pub use relay::{Relay, RelayBuilder, RelayHandle};
+pub use stats::{HandlerTimes, QueueStats, RelayStats};
 
 use crate::{DeferError, PreCommitConnection, SignalConnection};
 
