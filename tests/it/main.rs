@@ -23,6 +23,7 @@ mod model;
 mod mysql;
 mod outbox;
 mod outbox_admin;
+mod outbox_async_relay;
 mod outbox_cli;
 mod pool;
 mod pool_stress;
