@@ -203,26 +203,24 @@ mod mysql {
     }
 
     impl AsyncOutboxConnection for AsyncMysqlConnection {
-        fn outbox_claim<'a>(
+        async fn outbox_claim<'a>(
             &'a mut self,
             owner: &'a str,
             queues_json: &'a str,
             limit: i64,
             lease_ms: i64,
-        ) -> impl Future<Output = QueryResult<Vec<ClaimedRow>>> + Send + 'a {
-            async move {
-                Tm::begin_transaction(self).await?;
-                match claim_in_transaction(self, owner, queues_json, limit, lease_ms).await {
-                    Ok(rows) => {
-                        Tm::commit_transaction(self).await?;
-                        Ok(rows)
-                    }
-                    Err(e) => {
-                        // The claim's error is the one to report; a failed rollback leaves
-                        // the connection broken for the pool to discard.
-                        let _ = Tm::rollback_transaction(self).await;
-                        Err(e)
-                    }
+        ) -> QueryResult<Vec<ClaimedRow>> {
+            Tm::begin_transaction(self).await?;
+            match claim_in_transaction(self, owner, queues_json, limit, lease_ms).await {
+                Ok(rows) => {
+                    Tm::commit_transaction(self).await?;
+                    Ok(rows)
+                }
+                Err(e) => {
+                    // The claim's error is the one to report; a failed rollback leaves the
+                    // connection broken for the pool to discard.
+                    let _ = Tm::rollback_transaction(self).await;
+                    Err(e)
                 }
             }
         }

@@ -473,6 +473,7 @@ impl<P: AsyncRelayPool> AsyncRelayBuilder<P> {
         let tasks = (0..self.concurrency)
             .map(|n| runtime.spawn(worker.clone().run(n as u64)))
             .collect();
+        #[allow(unused_mut)] // mutated with `outbox-listen` only
         let mut handle = AsyncRelayHandle {
             name,
             shared,
@@ -526,7 +527,10 @@ impl<P: AsyncRelayPool> AsyncRelayBuilder<P> {
 /// let relay = AsyncRelay::builder(pool)
 ///     .handler("welcome_email", move |job: Job| {
 ///         let tx = tx.clone();
-///         async move { tx.send(job.payload::<i64>()?).map_err(|e| e.to_string()) }
+///         async move {
+///             tx.send(job.payload::<i64>()?)?;
+///             Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+///         }
 ///     })
 ///     .spawn()
 ///     .unwrap();

@@ -160,6 +160,7 @@ fn delete_sql(ids: &[i64]) -> String {
     )
 }
 
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
 pub(crate) fn id_list(ids: &[i64]) -> String {
     let mut s = String::with_capacity(ids.len() * 8);
     for (i, id) in ids.iter().enumerate() {
