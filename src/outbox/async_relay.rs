@@ -419,7 +419,10 @@ impl<P: AsyncRelayPool> AsyncRelayBuilder<P> {
     }
 
     /// Starts the worker tasks on the current tokio runtime (and the listener thread of
-    /// [`listen`](Self::listen)).
+    /// [`listen`](Self::listen)). Idle workers wait with `tokio::time`, so the runtime needs
+    /// its time driver (`enable_time` or `enable_all`, as `#[tokio::main]` sets up). Each
+    /// worker holds its pooled connection while it runs a batch, as the thread relay's do:
+    /// size the pool for `concurrency` plus the service's own use.
     ///
     /// Errors: [`OutboxError::NoHandlers`] without a handler, [`OutboxError::InvalidQueue`]
     /// for an invalid queue name, [`OutboxError::Spawn`] outside a tokio runtime or when the
