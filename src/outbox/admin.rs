@@ -16,7 +16,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Integer, Nullable, Text};
 
 use super::backend::{AdminDb, OutboxConnection};
-use super::relay::JobId;
+use super::job::JobId;
 use super::{valid_queue, wake, OutboxError};
 
 /// The SQL that differs between backends.

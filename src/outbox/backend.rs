@@ -3,6 +3,11 @@
 //! Times are milliseconds since the Unix epoch read from the database's clock, so relays on
 //! several machines agree on leases. Id lists are formatted as integer literals (safe: they are
 //! `i64`s); everything else is bound.
+//!
+//! Each backend module builds every relay statement once, in a function returning the query
+//! object (a `cached_statement!` node on PostgreSQL, a boxed `sql_query` on SQLite and MySQL);
+//! the sync [`OutboxConnection`] impls here run them with Diesel's `RunQueryDsl`, and
+//! `async_backend.rs` runs the very same objects with diesel-async's.
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Integer, Nullable, Text};
@@ -41,20 +46,20 @@ pub struct ClaimedRow {
 }
 
 #[derive(QueryableByName)]
-struct Id {
+pub(super) struct Id {
     #[diesel(sql_type = BigInt)]
-    id: i64,
+    pub(super) id: i64,
 }
 
 #[derive(QueryableByName)]
-struct QueueCount {
+pub(super) struct QueueCount {
     #[diesel(sql_type = Text)]
     queue: String,
     #[diesel(sql_type = BigInt)]
     n: i64,
 }
 
-mod sealed {
+pub(super) mod sealed {
     pub trait Sealed {}
 }
 
@@ -156,6 +161,7 @@ fn delete_sql(ids: &[i64]) -> String {
     )
 }
 
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
 pub(crate) fn id_list(ids: &[i64]) -> String {
     let mut s = String::with_capacity(ids.len() * 8);
     for (i, id) in ids.iter().enumerate() {
@@ -290,11 +296,64 @@ impl<C: OutboxConnection> OutboxConnection for SignalConnection<C> {
     }
 }
 
-/// `outbox_fail` and `outbox_release` for the backends with `?` placeholders (SQLite, MySQL):
-/// the same SQL, with the module's `NOW_MS`.
+/// The relay statements of the backends with `?` placeholders (SQLite, MySQL) that are the
+/// same SQL on both, with the module's `NOW_MS` and `Db` backend: `complete`, `fail` and
+/// `release`, each a function returning the boxed query.
 #[allow(unused_macros)]
-macro_rules! question_mark_fail_and_release {
+macro_rules! question_mark_queries {
     () => {
+        /// `DELETE` of delivered rows still leased to `owner`.
+        pub(in crate::outbox) fn complete<'a>(owner: &'a str, ids: &[i64]) -> Stmt<'a> {
+            diesel::sql_query(delete_sql(ids))
+                .into_boxed()
+                .bind::<Text, _>(owner)
+        }
+
+        /// Records a failed attempt of a row still leased to `owner`.
+        pub(in crate::outbox) fn fail<'a>(
+            owner: &'a str,
+            id: i64,
+            error: &'a str,
+            delay_ms: i64,
+            dead: bool,
+        ) -> Stmt<'a> {
+            diesel::sql_query(format!(
+                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, last_error = ?, \
+                 run_at = {NOW_MS} + ?, state = ? WHERE id = ? AND locked_by = ?"
+            ))
+            .into_boxed()
+            .bind::<Text, _>(error)
+            .bind::<BigInt, _>(delay_ms)
+            .bind::<Integer, _>(if dead { 2 } else { 0 })
+            .bind::<BigInt, _>(id)
+            .bind::<Text, _>(owner)
+        }
+
+        /// Gives claimed rows back unrun (the attempt they were claimed for is not counted).
+        pub(in crate::outbox) fn release<'a>(owner: &'a str, ids: &[i64]) -> Stmt<'a> {
+            diesel::sql_query(format!(
+                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, \
+                 attempts = attempts - 1 WHERE id IN ({}) AND locked_by = ?",
+                id_list(ids)
+            ))
+            .into_boxed()
+            .bind::<Text, _>(owner)
+        }
+    };
+}
+
+/// The sync `outbox_complete`, `outbox_fail`, `outbox_release` and `outbox_unknown_queues` of a
+/// backend module, running its query functions.
+#[allow(unused_macros)]
+macro_rules! sync_relay_statements {
+    () => {
+        fn outbox_complete(&mut self, owner: &str, ids: &[i64]) -> QueryResult<usize> {
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            complete(owner, ids).execute(self)
+        }
+
         fn outbox_fail(
             &mut self,
             owner: &str,
@@ -303,41 +362,30 @@ macro_rules! question_mark_fail_and_release {
             delay_ms: i64,
             dead: bool,
         ) -> QueryResult<bool> {
-            diesel::sql_query(format!(
-                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, last_error = ?, \
-                 run_at = {NOW_MS} + ?, state = ? WHERE id = ? AND locked_by = ?"
-            ))
-            .bind::<Text, _>(error)
-            .bind::<BigInt, _>(delay_ms)
-            .bind::<Integer, _>(if dead { 2 } else { 0 })
-            .bind::<BigInt, _>(id)
-            .bind::<Text, _>(owner)
-            .execute(self)
-            .map(|n| n == 1)
+            fail(owner, id, error, delay_ms, dead)
+                .execute(self)
+                .map(|n| n == 1)
         }
 
         fn outbox_release(&mut self, owner: &str, ids: &[i64]) -> QueryResult<()> {
             if ids.is_empty() {
                 return Ok(());
             }
-            diesel::sql_query(format!(
-                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, \
-                 attempts = attempts - 1 WHERE id IN ({}) AND locked_by = ?",
-                id_list(ids)
-            ))
-            .bind::<Text, _>(owner)
-            .execute(self)
-            .map(drop)
+            release(owner, ids).execute(self).map(drop)
+        }
+
+        fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>> {
+            unknown_queues(queues_json).load(self).map(counts)
         }
     };
 }
 
-fn counts(rows: Vec<QueueCount>) -> Vec<(String, i64)> {
+pub(super) fn counts(rows: Vec<QueueCount>) -> Vec<(String, i64)> {
     rows.into_iter().map(|r| (r.queue, r.n)).collect()
 }
 
 #[cfg(feature = "postgres")]
-mod pg {
+pub(super) mod pg {
     use super::*;
     use diesel::pg::Pg;
     use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
@@ -358,7 +406,7 @@ mod pg {
     macro_rules! cached_statement {
         ($name:ident { $($field:ident: $fty:ty),* $(,)? }
          => [$first:expr $(, ($bty:ty, $bind:ident), $sql:expr)* $(,)?]) => {
-            struct $name<'a> {
+            pub(in crate::outbox) struct $name<'a> {
                 $($field: $fty,)*
             }
             impl QueryId for $name<'_> {
@@ -457,17 +505,77 @@ mod pg {
         (Text, owner), "",
     ]);
 
-    const NOW_MS: &str = now_ms!();
+    cached_statement!(Fail { error: &'a str, delay_ms: i64, state: i32, id: i64,
+                             owner: &'a str } => [
+        "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, last_error = ",
+        (Text, error), concat!(", run_at = ", now_ms!(), " + "), (BigInt, delay_ms),
+        ", state = ", (Integer, state), " WHERE id = ", (BigInt, id), " AND locked_by = ",
+        (Text, owner), "",
+    ]);
+
+    cached_statement!(Release { ids: &'a [i64], owner: &'a str } => [
+        "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, \
+         attempts = attempts - 1 WHERE id = ANY(", (Array<BigInt>, ids), ") AND locked_by = ",
+        (Text, owner), "",
+    ]);
+
+    cached_statement!(UnknownQueues { queues_json: &'a str } => [
+        "SELECT queue, COUNT(*)::BIGINT AS n FROM dts_outbox WHERE state = 0 \
+         AND queue NOT IN (SELECT jsonb_array_elements_text(", (Text, queues_json),
+        "::jsonb)) GROUP BY queue",
+    ]);
+
+    /// Leases up to `limit` due rows of the queues in `queues_json` to `owner`.
+    pub(in crate::outbox) fn claim<'a>(
+        owner: &'a str,
+        queues_json: &'a str,
+        limit: i64,
+        lease_ms: i64,
+    ) -> Claim<'a> {
+        Claim {
+            lease_ms,
+            owner,
+            queues_json,
+            limit,
+        }
+    }
+
+    /// `DELETE` of delivered rows still leased to `owner`.
+    pub(in crate::outbox) fn complete<'a>(owner: &'a str, ids: &'a [i64]) -> Complete<'a> {
+        Complete { ids, owner }
+    }
+
+    /// Records a failed attempt of a row still leased to `owner`.
+    pub(in crate::outbox) fn fail<'a>(
+        owner: &'a str,
+        id: i64,
+        error: &'a str,
+        delay_ms: i64,
+        dead: bool,
+    ) -> Fail<'a> {
+        Fail {
+            error,
+            delay_ms,
+            state: if dead { 2 } else { 0 },
+            id,
+            owner,
+        }
+    }
+
+    /// Gives claimed rows back unrun (the attempt they were claimed for is not counted).
+    pub(in crate::outbox) fn release<'a>(owner: &'a str, ids: &'a [i64]) -> Release<'a> {
+        Release { ids, owner }
+    }
+
+    /// Counts the pending rows of queues not in `queues_json`.
+    pub(in crate::outbox) fn unknown_queues(queues_json: &str) -> UnknownQueues<'_> {
+        UnknownQueues { queues_json }
+    }
 
     impl sealed::Sealed for PgConnection {}
 
     impl OutboxConnection for PgConnection {
-        fn outbox_complete(&mut self, owner: &str, ids: &[i64]) -> QueryResult<usize> {
-            if ids.is_empty() {
-                return Ok(0);
-            }
-            Complete { ids, owner }.execute(self)
-        }
+        sync_relay_statements!();
 
         fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
             if row.idempotency_key.is_none() {
@@ -533,69 +641,20 @@ mod pg {
             limit: i64,
             lease_ms: i64,
         ) -> QueryResult<Vec<ClaimedRow>> {
-            Claim {
-                lease_ms,
-                owner,
-                queues_json,
-                limit,
-            }
-            .load(self)
+            claim(owner, queues_json, limit, lease_ms).load(self)
         }
 
         fn outbox_admin(&mut self) -> QueryResult<AdminDb<'_>> {
             Ok(AdminDb::Pg(self))
         }
-
-        fn outbox_fail(
-            &mut self,
-            owner: &str,
-            id: i64,
-            error: &str,
-            delay_ms: i64,
-            dead: bool,
-        ) -> QueryResult<bool> {
-            diesel::sql_query(format!(
-                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, last_error = $1, \
-                 run_at = {NOW_MS} + $2, state = $3 WHERE id = $4 AND locked_by = $5"
-            ))
-            .bind::<Text, _>(error)
-            .bind::<BigInt, _>(delay_ms)
-            .bind::<Integer, _>(if dead { 2 } else { 0 })
-            .bind::<BigInt, _>(id)
-            .bind::<Text, _>(owner)
-            .execute(self)
-            .map(|n| n == 1)
-        }
-
-        fn outbox_release(&mut self, owner: &str, ids: &[i64]) -> QueryResult<()> {
-            if ids.is_empty() {
-                return Ok(());
-            }
-            diesel::sql_query(format!(
-                "UPDATE dts_outbox SET locked_until = NULL, locked_by = NULL, \
-                 attempts = attempts - 1 WHERE id IN ({}) AND locked_by = $1",
-                id_list(ids)
-            ))
-            .bind::<Text, _>(owner)
-            .execute(self)
-            .map(drop)
-        }
-
-        fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>> {
-            diesel::sql_query(
-                "SELECT queue, COUNT(*)::BIGINT AS n FROM dts_outbox WHERE state = 0 \
-                 AND queue NOT IN (SELECT jsonb_array_elements_text($1::jsonb)) GROUP BY queue",
-            )
-            .bind::<Text, _>(queues_json)
-            .load(self)
-            .map(counts)
-        }
     }
 }
 
 #[cfg(feature = "sqlite")]
-mod sqlite {
+pub(super) mod sqlite {
     use super::*;
+    use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
+    use diesel::sqlite::Sqlite;
     use diesel::SqliteConnection;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -622,17 +681,51 @@ mod sqlite {
         )
     });
 
+    /// A relay statement of this backend.
+    pub(in crate::outbox) type Stmt<'a> = BoxedSqlQuery<'a, Sqlite, SqlQuery>;
+
+    /// Leases up to `limit` due rows of the queues in `queues_json` to `owner`. SQLite
+    /// serialises writers: the UPDATE itself is the claim.
+    pub(in crate::outbox) fn claim<'a>(
+        owner: &'a str,
+        queues_json: &'a str,
+        limit: i64,
+        lease_ms: i64,
+    ) -> Stmt<'a> {
+        diesel::sql_query(format!(
+            "UPDATE dts_outbox SET locked_until = {NOW_MS} + ?, locked_by = ?, \
+             attempts = attempts + 1 \
+             WHERE id IN (SELECT id FROM dts_outbox \
+               WHERE state = 0 AND run_at <= {NOW_MS} \
+               AND (locked_until IS NULL OR locked_until < {NOW_MS}) \
+               AND queue IN (SELECT value FROM json_each(?)) {} \
+               ORDER BY run_at, id LIMIT ?) \
+             RETURNING id, queue, payload, attempts, max_attempts, idempotency_key, run_at",
+            not_paused!()
+        ))
+        .into_boxed()
+        .bind::<BigInt, _>(lease_ms)
+        .bind::<Text, _>(owner)
+        .bind::<Text, _>(queues_json)
+        .bind::<BigInt, _>(limit)
+    }
+
+    question_mark_queries!();
+
+    /// Counts the pending rows of queues not in `queues_json`.
+    pub(in crate::outbox) fn unknown_queues(queues_json: &str) -> Stmt<'_> {
+        diesel::sql_query(
+            "SELECT queue, COUNT(*) AS n FROM dts_outbox WHERE state = 0 \
+             AND queue NOT IN (SELECT value FROM json_each(?)) GROUP BY queue",
+        )
+        .into_boxed()
+        .bind::<Text, _>(queues_json)
+    }
+
     impl sealed::Sealed for SqliteConnection {}
 
     impl OutboxConnection for SqliteConnection {
-        fn outbox_complete(&mut self, owner: &str, ids: &[i64]) -> QueryResult<usize> {
-            if ids.is_empty() {
-                return Ok(0);
-            }
-            diesel::sql_query(delete_sql(ids))
-                .bind::<Text, _>(owner)
-                .execute(self)
-        }
+        sync_relay_statements!();
 
         fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
             // Without a key the row cannot conflict: no ON CONFLICT clause then.
@@ -692,46 +785,20 @@ mod sqlite {
             limit: i64,
             lease_ms: i64,
         ) -> QueryResult<Vec<ClaimedRow>> {
-            // SQLite serialises writers: the UPDATE itself is the claim.
-            diesel::sql_query(format!(
-                "UPDATE dts_outbox SET locked_until = {NOW_MS} + ?, locked_by = ?, \
-                 attempts = attempts + 1 \
-                 WHERE id IN (SELECT id FROM dts_outbox \
-                   WHERE state = 0 AND run_at <= {NOW_MS} \
-                   AND (locked_until IS NULL OR locked_until < {NOW_MS}) \
-                   AND queue IN (SELECT value FROM json_each(?)) {} \
-                   ORDER BY run_at, id LIMIT ?) \
-                 RETURNING id, queue, payload, attempts, max_attempts, idempotency_key, run_at",
-                not_paused!()
-            ))
-            .bind::<BigInt, _>(lease_ms)
-            .bind::<Text, _>(owner)
-            .bind::<Text, _>(queues_json)
-            .bind::<BigInt, _>(limit)
-            .load(self)
+            claim(owner, queues_json, limit, lease_ms).load(self)
         }
 
         fn outbox_admin(&mut self) -> QueryResult<AdminDb<'_>> {
             Ok(AdminDb::Sqlite(self))
         }
-
-        question_mark_fail_and_release!();
-
-        fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>> {
-            diesel::sql_query(
-                "SELECT queue, COUNT(*) AS n FROM dts_outbox WHERE state = 0 \
-                 AND queue NOT IN (SELECT value FROM json_each(?)) GROUP BY queue",
-            )
-            .bind::<Text, _>(queues_json)
-            .load(self)
-            .map(counts)
-        }
     }
 }
 
 #[cfg(feature = "mysql")]
-mod mysql {
+pub(super) mod mysql {
     use super::*;
+    use diesel::mysql::Mysql;
+    use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
     use diesel::MysqlConnection;
 
     const NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
@@ -743,17 +810,68 @@ mod mysql {
 
     multi_insert_for!(diesel::mysql::Mysql, MysqlConnection);
 
+    /// A relay statement of this backend.
+    pub(in crate::outbox) type Stmt<'a> = BoxedSqlQuery<'a, Mysql, SqlQuery>;
+
+    // No UPDATE .. RETURNING: a claim is `claim_lock` (SELECT .. FOR UPDATE SKIP LOCKED), then
+    // `claim_update` and `claim_read` of the ids it locked, in one transaction.
+
+    /// Locks up to `limit` due rows of the queues in `queues_json`; loads [`Id`]s.
+    pub(in crate::outbox) fn claim_lock(queues_json: &str, limit: i64) -> Stmt<'_> {
+        diesel::sql_query(format!(
+            "SELECT id FROM dts_outbox WHERE state = 0 AND run_at <= {NOW_MS} \
+             AND (locked_until IS NULL OR locked_until < {NOW_MS}) \
+             AND JSON_CONTAINS(?, JSON_QUOTE(queue)) {} \
+             ORDER BY run_at, id LIMIT ? FOR UPDATE SKIP LOCKED",
+            not_paused!()
+        ))
+        .into_boxed()
+        .bind::<Text, _>(queues_json)
+        .bind::<BigInt, _>(limit)
+    }
+
+    /// Leases the locked rows `ids` to `owner`.
+    pub(in crate::outbox) fn claim_update<'a>(
+        owner: &'a str,
+        ids: &[Id],
+        lease_ms: i64,
+    ) -> Stmt<'a> {
+        let list = id_list(&ids.iter().map(|r| r.id).collect::<Vec<_>>());
+        diesel::sql_query(format!(
+            "UPDATE dts_outbox SET locked_until = {NOW_MS} + ?, locked_by = ?, \
+             attempts = attempts + 1 WHERE id IN ({list})"
+        ))
+        .into_boxed()
+        .bind::<BigInt, _>(lease_ms)
+        .bind::<Text, _>(owner)
+    }
+
+    /// Reads the rows `ids` just leased, as [`ClaimedRow`]s.
+    pub(in crate::outbox) fn claim_read<'a>(ids: &[Id]) -> Stmt<'a> {
+        let list = id_list(&ids.iter().map(|r| r.id).collect::<Vec<_>>());
+        diesel::sql_query(format!(
+            "SELECT id, queue, payload, attempts, max_attempts, idempotency_key, run_at \
+             FROM dts_outbox WHERE id IN ({list}) ORDER BY run_at, id"
+        ))
+        .into_boxed()
+    }
+
+    question_mark_queries!();
+
+    /// Counts the pending rows of queues not in `queues_json`.
+    pub(in crate::outbox) fn unknown_queues(queues_json: &str) -> Stmt<'_> {
+        diesel::sql_query(
+            "SELECT queue, CAST(COUNT(*) AS SIGNED) AS n FROM dts_outbox WHERE state = 0 \
+             AND NOT JSON_CONTAINS(?, JSON_QUOTE(queue)) GROUP BY queue",
+        )
+        .into_boxed()
+        .bind::<Text, _>(queues_json)
+    }
+
     impl sealed::Sealed for MysqlConnection {}
 
     impl OutboxConnection for MysqlConnection {
-        fn outbox_complete(&mut self, owner: &str, ids: &[i64]) -> QueryResult<usize> {
-            if ids.is_empty() {
-                return Ok(0);
-            }
-            diesel::sql_query(delete_sql(ids))
-                .bind::<Text, _>(owner)
-                .execute(self)
-        }
+        sync_relay_statements!();
 
         fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
             // A duplicate key fails the statement alone on MySQL (the transaction goes on), so
@@ -815,53 +933,19 @@ mod mysql {
             limit: i64,
             lease_ms: i64,
         ) -> QueryResult<Vec<ClaimedRow>> {
-            // No UPDATE .. RETURNING: lock with SKIP LOCKED, then update and read, in one
-            // transaction on the plain connection.
             let claim = |conn: &mut MysqlConnection| {
-                let ids: Vec<Id> = diesel::sql_query(format!(
-                    "SELECT id FROM dts_outbox WHERE state = 0 AND run_at <= {NOW_MS} \
-                     AND (locked_until IS NULL OR locked_until < {NOW_MS}) \
-                     AND JSON_CONTAINS(?, JSON_QUOTE(queue)) {} \
-                     ORDER BY run_at, id LIMIT ? FOR UPDATE SKIP LOCKED",
-                    not_paused!()
-                ))
-                .bind::<Text, _>(queues_json)
-                .bind::<BigInt, _>(limit)
-                .load(conn)?;
+                let ids: Vec<Id> = claim_lock(queues_json, limit).load(conn)?;
                 if ids.is_empty() {
                     return Ok(Vec::new());
                 }
-                let list = id_list(&ids.iter().map(|r| r.id).collect::<Vec<_>>());
-                diesel::sql_query(format!(
-                    "UPDATE dts_outbox SET locked_until = {NOW_MS} + ?, locked_by = ?, \
-                     attempts = attempts + 1 WHERE id IN ({list})"
-                ))
-                .bind::<BigInt, _>(lease_ms)
-                .bind::<Text, _>(owner)
-                .execute(conn)?;
-                diesel::sql_query(format!(
-                    "SELECT id, queue, payload, attempts, max_attempts, idempotency_key, run_at \
-                     FROM dts_outbox WHERE id IN ({list}) ORDER BY run_at, id"
-                ))
-                .load(conn)
+                claim_update(owner, &ids, lease_ms).execute(conn)?;
+                claim_read(&ids).load(conn)
             };
             self.transaction(claim)
         }
 
         fn outbox_admin(&mut self) -> QueryResult<AdminDb<'_>> {
             Ok(AdminDb::Mysql(self))
-        }
-
-        question_mark_fail_and_release!();
-
-        fn outbox_unknown_queues(&mut self, queues_json: &str) -> QueryResult<Vec<(String, i64)>> {
-            diesel::sql_query(
-                "SELECT queue, CAST(COUNT(*) AS SIGNED) AS n FROM dts_outbox WHERE state = 0 \
-                 AND NOT JSON_CONTAINS(?, JSON_QUOTE(queue)) GROUP BY queue",
-            )
-            .bind::<Text, _>(queues_json)
-            .load(self)
-            .map(counts)
         }
     }
 }

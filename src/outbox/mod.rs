@@ -67,10 +67,16 @@
 //! ```
 
 mod admin;
+#[cfg(feature = "async")]
+mod async_backend;
+#[cfg(feature = "async")]
+mod async_relay;
 mod backend;
+mod job;
 #[cfg(feature = "outbox-listen")]
 mod listen;
 mod relay;
+mod stats;
 
 use std::cell::RefCell;
 use std::fmt;
@@ -81,11 +87,15 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use admin::{Admin, DeadLetter, Lease, QueueStatus};
+#[cfg(feature = "async")]
+pub use async_backend::AsyncOutboxConnection;
+#[cfg(feature = "async")]
+pub use async_relay::{AsyncRelay, AsyncRelayBuilder, AsyncRelayHandle, AsyncRelayPool};
 pub(crate) use backend::NewRow;
 pub use backend::OutboxConnection;
-pub use relay::{
-    Backoff, HandlerTimes, Job, JobId, QueueStats, Relay, RelayBuilder, RelayHandle, RelayStats,
-};
+pub use job::{Backoff, Job, JobId};
+pub use relay::{Relay, RelayBuilder, RelayHandle};
+pub use stats::{HandlerTimes, QueueStats, RelayStats};
 
 use crate::{ConnectionId, DeferError, PreCommitConnection, SignalConnection};
 
@@ -827,6 +837,27 @@ pub fn wake() {
         let _guard = BELL.lock.lock().unwrap_or_else(|e| e.into_inner());
         BELL.cond.notify_all();
     }
+    #[cfg(feature = "async")]
+    ASYNC_BELL.notify_waiters();
+}
+
+/// The bell's side for tasks: idle [`AsyncRelay`] workers wait on it without blocking a
+/// runtime thread.
+#[cfg(feature = "async")]
+static ASYNC_BELL: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// [`wait_for_bell`] for tokio tasks: returns when the bell rang after `seen`, or after
+/// `timeout`.
+#[cfg(feature = "async")]
+pub(crate) async fn wait_for_bell_async(seen: u64, timeout: Duration) {
+    let notified = std::pin::pin!(ASYNC_BELL.notified());
+    let mut notified = notified;
+    // Registered before the generation is read: a `wake` after the read notifies it.
+    notified.as_mut().enable();
+    if bell_generation() != seen {
+        return;
+    }
+    let _ = tokio::time::timeout(timeout, notified).await;
 }
 
 /// The bell's generation now; pass it to [`wait_for_bell`].

@@ -25,6 +25,7 @@ mod model;
 mod mysql;
 mod outbox;
 mod outbox_admin;
+mod outbox_async_relay;
 mod outbox_batch;
 mod outbox_cli;
 mod pool;
