@@ -4,8 +4,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// A process-unique, stable identifier of a [`SignalConnection`], shown in log lines and
-/// failure reports.
+/// A process-unique, stable identifier of a [`SignalConnection`](crate::SignalConnection) (or
+/// an async one), shown in log lines and failure reports.
 ///
 /// # Example
 ///
