@@ -1156,3 +1156,56 @@ async fn defer_durable_from_an_async_transaction_is_refused_at_commit() {
         .n;
     assert_eq!(n, 0, "nothing written");
 }
+
+/// The transaction future dropped while COMMIT is in flight: only the server knows whether it
+/// committed, so the hooks settle `Unknown` (no commit hook, no rollback hook, `on_complete`
+/// gets `Unknown`), as in sync. SQLite's COMMIT runs on a blocking thread; a reader holding a
+/// shared lock on the file keeps it waiting there (busy timeout) until the test has stopped
+/// polling the future.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_while_commit_is_in_flight_settles_unknown() {
+    use diesel::connection::{InstrumentationEvent, SimpleConnection};
+    use diesel_async::SimpleAsyncConnection;
+    use std::sync::Mutex;
+
+    let url = sqlite_url();
+    let mut c = Sqlite::connect_to(&url).await;
+    c.batch_execute("PRAGMA busy_timeout = 30000")
+        .await
+        .unwrap();
+    let mut reader = <SqliteConnection as diesel::Connection>::establish(&url).unwrap();
+    reader
+        .batch_execute("BEGIN; SELECT COUNT(*) FROM async_rows;")
+        .unwrap();
+    let (at_commit_tx, at_commit_rx) = tokio::sync::oneshot::channel::<()>();
+    let at_commit = Mutex::new(Some(at_commit_tx));
+    c.set_instrumentation(move |event: InstrumentationEvent<'_>| {
+        if let InstrumentationEvent::CommitTransaction { .. } = event {
+            if let Some(tx) = at_commit.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let tag = unique_tag("in-flight");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    {
+        let fut = c.transaction(async |c| {
+            Sqlite::exec(c, &insert(&tag, 1)).await?;
+            c.on_commit(r.hook("commit"));
+            c.on_rollback(r.hook("rollback"));
+            c.on_complete(r.outcome("complete"));
+            QueryResult::Ok(())
+        });
+        let mut fut = std::pin::pin!(fut);
+        tokio::select! {
+            _ = &mut fut => panic!("COMMIT waits for the reader's lock"),
+            at = at_commit_rx => at.unwrap(),
+        }
+        // The future is not polled any more: let COMMIT go on, then drop the future (its drop
+        // waits for the blocking thread).
+        reader.batch_execute("COMMIT").unwrap();
+    }
+    assert_eq!(rec.take(), ["complete:Unknown"]);
+    assert_eq!(c.transaction_depth(), 0);
+}
