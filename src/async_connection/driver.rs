@@ -207,6 +207,15 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         Ok(())
     }
 
+    /// Notes the failure of a statement the wrapper ran on the inner connection itself (the
+    /// outbox's inserts), as the statement futures do for the others.
+    pub(crate) fn noted<T>(&mut self, result: QueryResult<T>) -> QueryResult<T> {
+        if let Err(e) = &result {
+            self.watch.failed(e);
+        }
+        result
+    }
+
     /// What needs I/O before the next operation: the rollback of an abandoned level, a probe
     /// after a failed statement.
     pub(crate) async fn look(&mut self) {

@@ -547,6 +547,58 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
     }
 }
 
+impl PreCommitConnection<'_> {
+    /// Hands async work to the pre-commit phase of an [`AsyncSignalConnection<C>`]: if this is
+    /// that phase, `f` is awaited with the connection as soon as the current pre-commit work
+    /// returns (inside the transaction, before COMMIT; its `Err` refuses the commit), and this
+    /// returns `true`. On any other connection it returns `false` and drops `f`. This is how
+    /// work deferred without a connection handle (`defer_before_commit`) runs queries on an
+    /// async connection.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::{Connection, QueryResult, SqliteConnection};
+    /// use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+    /// use diesel_async::{AsyncConnection, RunQueryDsl};
+    /// use diesel_transaction_signals::{defer_before_commit, AsyncSignalConnection};
+    ///
+    /// type Raw = SyncConnectionWrapper<SqliteConnection>;
+    /// # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
+    /// let mut conn = AsyncSignalConnection::<Raw>::establish(":memory:").await.unwrap();
+    /// diesel::sql_query("CREATE TABLE audit (note TEXT)").execute(&mut conn).await.unwrap();
+    /// conn.transaction(async |_| {
+    ///     defer_before_commit(|pc| {
+    ///         assert!(pc.run_async::<Raw, _>(|c| Box::pin(async move {
+    ///             diesel::sql_query("INSERT INTO audit VALUES ('flushed')").execute(c).await?;
+    ///             Ok(())
+    ///         })));
+    ///         Ok(())
+    ///     })
+    ///     .unwrap();
+    ///     QueryResult::Ok(())
+    /// })
+    /// .await
+    /// .unwrap();
+    /// # });
+    /// # }
+    /// ```
+    pub fn run_async<C, F>(&mut self, f: F) -> bool
+    where
+        C: AsyncConnection + 'static,
+        F: for<'a> FnOnce(&'a mut AsyncSignalConnection<C>) -> BoxFuture<'a, QueryResult<()>>
+            + Send
+            + 'static,
+    {
+        match self.downcast::<Option<AsyncWork<C>>>() {
+            Some(slot) => {
+                *slot = Some(Box::new(f));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 impl<C> fmt::Debug for AsyncSignalConnection<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AsyncSignalConnection")

@@ -6,7 +6,7 @@ use std::future::Future;
 use diesel::result::QueryResult;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
-use super::backend::{counts, sealed, ClaimedRow};
+use super::backend::{counts, sealed, ClaimedRow, NewRow};
 use crate::AsyncSignalConnection;
 
 /// An async connection an [`AsyncRelay`](super::AsyncRelay) can claim from:
@@ -27,6 +27,18 @@ use crate::AsyncSignalConnection;
 /// # }
 /// ```
 pub trait AsyncOutboxConnection: AsyncConnection + sealed::Sealed + Send + 'static {
+    /// See `OutboxConnection::outbox_insert`.
+    #[doc(hidden)]
+    fn outbox_insert<'a>(
+        &'a mut self,
+        row: &'a NewRow,
+    ) -> impl Future<Output = QueryResult<Option<i64>>> + Send + 'a;
+    /// See `OutboxConnection::outbox_insert_many`.
+    #[doc(hidden)]
+    fn outbox_insert_many<'a>(
+        &'a mut self,
+        rows: &'a [NewRow],
+    ) -> impl Future<Output = QueryResult<usize>> + Send + 'a;
     /// See `OutboxConnection::outbox_claim`.
     #[doc(hidden)]
     fn outbox_claim<'a>(
@@ -66,6 +78,14 @@ pub trait AsyncOutboxConnection: AsyncConnection + sealed::Sealed + Send + 'stat
         &'a mut self,
         queues_json: &'a str,
     ) -> impl Future<Output = QueryResult<Vec<(String, i64)>>> + Send + 'a;
+}
+
+/// Runs a query node on a diesel-async connection: the `run_sync!` of `backend.rs`, awaited.
+#[allow(unused_macros)]
+macro_rules! run_async {
+    ($method:ident $q:expr, $conn:expr) => {
+        diesel_async::RunQueryDsl::$method($q, $conn).await
+    };
 }
 
 /// `outbox_complete`, `outbox_fail`, `outbox_release` and `outbox_unknown_queues` of the
@@ -136,6 +156,21 @@ mod pg {
     impl sealed::Sealed for AsyncPgConnection {}
 
     impl AsyncOutboxConnection for AsyncPgConnection {
+        async fn outbox_insert<'a>(&'a mut self, row: &'a NewRow) -> QueryResult<Option<i64>> {
+            use crate::outbox::backend::pg::{pg_insert_one, Insert, InsertNoKey};
+            use crate::outbox::backend::Id;
+            pg_insert_one!(self, row, run_async)
+        }
+
+        async fn outbox_insert_many<'a>(&'a mut self, rows: &'a [NewRow]) -> QueryResult<usize> {
+            use crate::outbox::backend::pg::{
+                pg_insert_many, pg_insert_one, Insert, InsertMany, InsertManyNoKey, InsertNoKey,
+                InsertOneNoKey,
+            };
+            use crate::outbox::backend::Id;
+            pg_insert_many!(self, rows, run_async)
+        }
+
         fn outbox_claim<'a>(
             &'a mut self,
             owner: &'a str,
@@ -159,7 +194,21 @@ mod sqlite {
 
     impl sealed::Sealed for SyncConnectionWrapper<SqliteConnection> {}
 
+    /// SQLite's inserts run the sync connection's own code on the wrapper's blocking thread.
     impl AsyncOutboxConnection for SyncConnectionWrapper<SqliteConnection> {
+        async fn outbox_insert<'a>(&'a mut self, row: &'a NewRow) -> QueryResult<Option<i64>> {
+            use crate::outbox::OutboxConnection;
+            let row = row.clone();
+            self.spawn_blocking(move |c| c.outbox_insert(&row)).await
+        }
+
+        async fn outbox_insert_many<'a>(&'a mut self, rows: &'a [NewRow]) -> QueryResult<usize> {
+            use crate::outbox::OutboxConnection;
+            let rows = rows.to_vec();
+            self.spawn_blocking(move |c| c.outbox_insert_many(&rows))
+                .await
+        }
+
         fn outbox_claim<'a>(
             &'a mut self,
             owner: &'a str,
@@ -203,6 +252,20 @@ mod mysql {
     }
 
     impl AsyncOutboxConnection for AsyncMysqlConnection {
+        async fn outbox_insert<'a>(&'a mut self, row: &'a NewRow) -> QueryResult<Option<i64>> {
+            use crate::outbox::backend::mysql::{insert_one, last_insert_id, mysql_insert_one};
+            mysql_insert_one!(self, row, run_async)
+        }
+
+        async fn outbox_insert_many<'a>(&'a mut self, rows: &'a [NewRow]) -> QueryResult<usize> {
+            use crate::outbox::backend::chunks;
+            use crate::outbox::backend::mysql::{
+                insert_one, last_insert_id, multi_insert, mysql_insert_many, mysql_insert_one,
+                MYSQL_BYTES, MYSQL_ROWS,
+            };
+            mysql_insert_many!(self, rows, run_async)
+        }
+
         async fn outbox_claim<'a>(
             &'a mut self,
             owner: &'a str,
@@ -234,6 +297,20 @@ impl<C: AsyncOutboxConnection> sealed::Sealed for AsyncSignalConnection<C> {}
 /// The relay's statements never run inside a user's transaction: they go to the wrapped
 /// connection directly, as `SignalConnection`'s do.
 impl<C: AsyncOutboxConnection> AsyncOutboxConnection for AsyncSignalConnection<C> {
+    /// Inserts run in the caller's transaction: refused like any statement in a transaction
+    /// the server ended, and their failure is noted like any statement's.
+    async fn outbox_insert<'a>(&'a mut self, row: &'a NewRow) -> QueryResult<Option<i64>> {
+        self.before_statement()?;
+        let result = self.inner.outbox_insert(row).await;
+        self.noted(result)
+    }
+
+    async fn outbox_insert_many<'a>(&'a mut self, rows: &'a [NewRow]) -> QueryResult<usize> {
+        self.before_statement()?;
+        let result = self.inner.outbox_insert_many(rows).await;
+        self.noted(result)
+    }
+
     fn outbox_claim<'a>(
         &'a mut self,
         owner: &'a str,

@@ -143,6 +143,16 @@ pub enum AdminDb<'a> {
     ),
 }
 
+/// Runs a query node on a sync connection: `run_sync!(load q, conn)` (or `execute`,
+/// `get_result`). The insert paths below are written once, with the runner as a parameter;
+/// `async_backend.rs` passes `run_async!`, which awaits diesel-async's method instead.
+#[allow(unused_macros)]
+macro_rules! run_sync {
+    ($method:ident $q:expr, $conn:expr) => {
+        diesel::RunQueryDsl::$method($q, $conn)
+    };
+}
+
 /// The claim's pause check, the same SQL on every backend.
 #[allow(unused_macros)]
 macro_rules! not_paused {
@@ -201,7 +211,7 @@ pub(crate) fn chunks(rows: &[NewRow], max_rows: usize, max_bytes: usize) -> Vec<
 /// with `?` placeholders: the SQL text depends on the row count, so it is not kept as a
 /// prepared statement (one per batch size would fill the connection's cache).
 #[cfg(any(feature = "sqlite", feature = "mysql"))]
-struct MultiInsert<'a> {
+pub(in crate::outbox) struct MultiInsert<'a> {
     rows: &'a [NewRow],
     now_ms: &'static str,
     tail: &'static str,
@@ -407,7 +417,7 @@ pub(super) mod pg {
         ($name:ident { $($field:ident: $fty:ty),* $(,)? }
          => [$first:expr $(, ($bty:ty, $bind:ident), $sql:expr)* $(,)?]) => {
             pub(in crate::outbox) struct $name<'a> {
-                $($field: $fty,)*
+                $(pub(in crate::outbox) $field: $fty,)*
             }
             impl QueryId for $name<'_> {
                 type QueryId = $name<'static>;
@@ -572,66 +582,84 @@ pub(super) mod pg {
         UnknownQueues { queues_json }
     }
 
+    /// The INSERT of one job (its id, or `None` for an idempotency key already present), with
+    /// the runner `$run` (`run_sync` / `run_async`).
+    macro_rules! pg_insert_one {
+        ($conn:expr, $row:expr, $run:ident) => {{
+            let row: &NewRow = $row;
+            if row.idempotency_key.is_none() {
+                // Without a key the row cannot conflict: no ON CONFLICT clause then.
+                let id: Id = $run!(get_result InsertNoKey {
+                    queue: &row.queue,
+                    payload: &row.payload,
+                    max_attempts: row.max_attempts,
+                    delay_ms: row.delay_ms,
+                }, $conn)?;
+                Ok(Some(id.id))
+            } else {
+                let ids: Vec<Id> = $run!(load Insert {
+                    queue: &row.queue,
+                    payload: &row.payload,
+                    key: row.idempotency_key.as_deref(),
+                    max_attempts: row.max_attempts,
+                    delay_ms: row.delay_ms,
+                }, $conn)?;
+                Ok(ids.as_slice().first().map(|r| r.id))
+            }
+        }};
+    }
+    pub(in crate::outbox) use pg_insert_one;
+
+    /// The INSERT of many jobs in one statement (arrays bound as parameters); returns the rows
+    /// written.
+    macro_rules! pg_insert_many {
+        ($conn:expr, $rows:expr, $run:ident) => {{
+            let rows: &[NewRow] = $rows;
+            if rows.is_empty() {
+                Ok(0)
+            } else if let [row] = rows {
+                if row.idempotency_key.is_none() {
+                    $run!(execute InsertOneNoKey {
+                        queue: &row.queue,
+                        payload: &row.payload,
+                        max_attempts: row.max_attempts,
+                        delay_ms: row.delay_ms,
+                    }, $conn)
+                } else {
+                    let one: QueryResult<Option<i64>> = pg_insert_one!($conn, row, $run);
+                    one.map(|id| usize::from(id.is_some()))
+                }
+            } else if rows.iter().all(|r| r.idempotency_key.is_none()) {
+                $run!(execute InsertManyNoKey {
+                    queues: rows.iter().map(|r| r.queue.as_str()).collect(),
+                    payloads: rows.iter().map(|r| r.payload.as_str()).collect(),
+                    max_attempts: rows.iter().map(|r| r.max_attempts).collect(),
+                    delays_ms: rows.iter().map(|r| r.delay_ms).collect(),
+                }, $conn)
+            } else {
+                $run!(execute InsertMany {
+                    queues: rows.iter().map(|r| r.queue.as_str()).collect(),
+                    payloads: rows.iter().map(|r| r.payload.as_str()).collect(),
+                    keys: rows.iter().map(|r| r.idempotency_key.as_deref()).collect(),
+                    max_attempts: rows.iter().map(|r| r.max_attempts).collect(),
+                    delays_ms: rows.iter().map(|r| r.delay_ms).collect(),
+                }, $conn)
+            }
+        }};
+    }
+    pub(in crate::outbox) use pg_insert_many;
+
     impl sealed::Sealed for PgConnection {}
 
     impl OutboxConnection for PgConnection {
         sync_relay_statements!();
 
         fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
-            if row.idempotency_key.is_none() {
-                let id: Id = InsertNoKey {
-                    queue: &row.queue,
-                    payload: &row.payload,
-                    max_attempts: row.max_attempts,
-                    delay_ms: row.delay_ms,
-                }
-                .get_result(self)?;
-                return Ok(Some(id.id));
-            }
-            let ids: Vec<Id> = Insert {
-                queue: &row.queue,
-                payload: &row.payload,
-                key: row.idempotency_key.as_deref(),
-                max_attempts: row.max_attempts,
-                delay_ms: row.delay_ms,
-            }
-            .load(self)?;
-            Ok(ids.first().map(|r| r.id))
+            pg_insert_one!(self, row, run_sync)
         }
 
         fn outbox_insert_many(&mut self, rows: &[NewRow]) -> QueryResult<usize> {
-            if rows.is_empty() {
-                return Ok(0);
-            }
-            if let [row] = rows {
-                if row.idempotency_key.is_none() {
-                    return InsertOneNoKey {
-                        queue: &row.queue,
-                        payload: &row.payload,
-                        max_attempts: row.max_attempts,
-                        delay_ms: row.delay_ms,
-                    }
-                    .execute(self);
-                }
-                return self.outbox_insert(row).map(|id| usize::from(id.is_some()));
-            }
-            if rows.iter().all(|r| r.idempotency_key.is_none()) {
-                return InsertManyNoKey {
-                    queues: rows.iter().map(|r| r.queue.as_str()).collect(),
-                    payloads: rows.iter().map(|r| r.payload.as_str()).collect(),
-                    max_attempts: rows.iter().map(|r| r.max_attempts).collect(),
-                    delays_ms: rows.iter().map(|r| r.delay_ms).collect(),
-                }
-                .execute(self);
-            }
-            InsertMany {
-                queues: rows.iter().map(|r| r.queue.as_str()).collect(),
-                payloads: rows.iter().map(|r| r.payload.as_str()).collect(),
-                keys: rows.iter().map(|r| r.idempotency_key.as_deref()).collect(),
-                max_attempts: rows.iter().map(|r| r.max_attempts).collect(),
-                delays_ms: rows.iter().map(|r| r.delay_ms).collect(),
-            }
-            .execute(self)
+            pg_insert_many!(self, rows, run_sync)
         }
 
         fn outbox_claim(
@@ -805,8 +833,8 @@ pub(super) mod mysql {
 
     /// Rows per multi-row INSERT: 5 parameters a row within MySQL's 65,535, and at most
     /// 4 MiB of payload (MariaDB's default `max_allowed_packet` is 16 MiB, MySQL's 64 MiB).
-    const MYSQL_ROWS: usize = 65_535 / 5;
-    const MYSQL_BYTES: usize = 4 << 20;
+    pub(in crate::outbox) const MYSQL_ROWS: usize = 65_535 / 5;
+    pub(in crate::outbox) const MYSQL_BYTES: usize = 4 << 20;
 
     multi_insert_for!(diesel::mysql::Mysql, MysqlConnection);
 
@@ -868,62 +896,111 @@ pub(super) mod mysql {
         .bind::<Text, _>(queues_json)
     }
 
-    impl sealed::Sealed for MysqlConnection {}
-
-    impl OutboxConnection for MysqlConnection {
-        sync_relay_statements!();
-
-        fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
-            // A duplicate key fails the statement alone on MySQL (the transaction goes on), so
-            // the unique index itself is the idempotency check.
-            let inserted = diesel::sql_query(format!(
-                "INSERT INTO dts_outbox (queue, payload, idempotency_key, max_attempts, run_at) \
-                 VALUES (?, ?, ?, ?, {NOW_MS} + ?)"
-            ))
-            .bind::<Text, _>(&row.queue)
-            .bind::<Text, _>(&row.payload)
-            .bind::<Nullable<Text>, _>(&row.idempotency_key)
-            .bind::<Integer, _>(row.max_attempts)
-            .bind::<BigInt, _>(row.delay_ms)
-            .execute(self);
+    /// The INSERT of one job, then its id (`LAST_INSERT_ID()`); `None` for an idempotency key
+    /// already present. A duplicate key fails the statement alone on MySQL (the transaction
+    /// goes on), so the unique index itself is the idempotency check.
+    macro_rules! mysql_insert_one {
+        ($conn:expr, $row:expr, $run:ident) => {{
+            let row: &NewRow = $row;
+            let inserted: QueryResult<usize> = $run!(execute insert_one(row), $conn);
             match inserted {
                 Err(diesel::result::Error::DatabaseError(
                     diesel::result::DatabaseErrorKind::UniqueViolation,
                     _,
-                )) if row.idempotency_key.is_some() => return Ok(None),
-                other => other?,
-            };
-            let id: Id = diesel::sql_query("SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS id")
-                .get_result(self)?;
-            Ok(Some(id.id))
-        }
-
-        fn outbox_insert_many(&mut self, rows: &[NewRow]) -> QueryResult<usize> {
-            let mut written = 0;
-            for chunk in chunks(rows, MYSQL_ROWS, MYSQL_BYTES) {
-                let inserted = MultiInsert {
-                    rows: chunk,
-                    now_ms: NOW_MS,
-                    tail: "",
+                )) if row.idempotency_key.is_some() => Ok(None),
+                Err(e) => Err(e),
+                Ok(_) => {
+                    let id: QueryResult<Id> = $run!(get_result last_insert_id(), $conn);
+                    id.map(|id| Some(id.id))
                 }
-                .execute(self);
-                // A duplicate key fails the whole statement alone (the transaction goes on):
-                // then this piece again row by row, each duplicate a no-op. `ON DUPLICATE KEY
-                // UPDATE` would not tell how many rows are new (Diesel connects with
-                // CLIENT_FOUND_ROWS), `INSERT IGNORE` would also truncate over-long keys.
+            }
+        }};
+    }
+    pub(in crate::outbox) use mysql_insert_one;
+
+    /// The INSERT of many jobs, one multi-row statement per `chunks` piece; returns the rows
+    /// written. A duplicate key fails the whole statement alone (the transaction goes on):
+    /// then that piece again row by row, each duplicate a no-op. `ON DUPLICATE KEY UPDATE`
+    /// would not tell how many rows are new (Diesel connects with CLIENT_FOUND_ROWS), `INSERT
+    /// IGNORE` would also truncate over-long keys.
+    macro_rules! mysql_insert_many {
+        ($conn:expr, $rows:expr, $run:ident) => {{
+            let rows: &[NewRow] = $rows;
+            let mut written = 0;
+            let mut failed = None;
+            for chunk in chunks(rows, MYSQL_ROWS, MYSQL_BYTES) {
+                let inserted: QueryResult<usize> = $run!(execute multi_insert(chunk), $conn);
                 match inserted {
                     Err(diesel::result::Error::DatabaseError(
                         diesel::result::DatabaseErrorKind::UniqueViolation,
                         _,
                     )) if chunk.iter().any(|r| r.idempotency_key.is_some()) => {
                         for row in chunk {
-                            written += usize::from(self.outbox_insert(row)?.is_some());
+                            let one: QueryResult<Option<i64>> =
+                                mysql_insert_one!($conn, row, $run);
+                            match one {
+                                Ok(id) => written += usize::from(id.is_some()),
+                                Err(e) => {
+                                    failed = Some(e);
+                                    break;
+                                }
+                            }
                         }
                     }
-                    other => written += other?,
+                    Ok(n) => written += n,
+                    Err(e) => failed = Some(e),
+                }
+                if failed.is_some() {
+                    break;
                 }
             }
-            Ok(written)
+            match failed {
+                Some(e) => Err(e),
+                None => Ok(written),
+            }
+        }};
+    }
+    pub(in crate::outbox) use mysql_insert_many;
+
+    /// The single-row INSERT of `row`.
+    pub(in crate::outbox) fn insert_one(row: &NewRow) -> Stmt<'_> {
+        diesel::sql_query(format!(
+            "INSERT INTO dts_outbox (queue, payload, idempotency_key, max_attempts, run_at) \
+             VALUES (?, ?, ?, ?, {NOW_MS} + ?)"
+        ))
+        .into_boxed()
+        .bind::<Text, _>(&row.queue)
+        .bind::<Text, _>(&row.payload)
+        .bind::<Nullable<Text>, _>(&row.idempotency_key)
+        .bind::<Integer, _>(row.max_attempts)
+        .bind::<BigInt, _>(row.delay_ms)
+    }
+
+    /// The id the last INSERT on this connection generated.
+    pub(in crate::outbox) fn last_insert_id() -> Stmt<'static> {
+        diesel::sql_query("SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS id").into_boxed()
+    }
+
+    /// The multi-row INSERT of `rows` (one `chunks` piece).
+    pub(in crate::outbox) fn multi_insert(rows: &[NewRow]) -> MultiInsert<'_> {
+        MultiInsert {
+            rows,
+            now_ms: NOW_MS,
+            tail: "",
+        }
+    }
+
+    impl sealed::Sealed for MysqlConnection {}
+
+    impl OutboxConnection for MysqlConnection {
+        sync_relay_statements!();
+
+        fn outbox_insert(&mut self, row: &NewRow) -> QueryResult<Option<i64>> {
+            mysql_insert_one!(self, row, run_sync)
+        }
+
+        fn outbox_insert_many(&mut self, rows: &[NewRow]) -> QueryResult<usize> {
+            mysql_insert_many!(self, rows, run_sync)
         }
 
         fn outbox_claim(

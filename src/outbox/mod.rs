@@ -70,6 +70,8 @@ mod admin;
 #[cfg(feature = "async")]
 mod async_backend;
 #[cfg(feature = "async")]
+mod async_enqueue;
+#[cfg(feature = "async")]
 mod async_relay;
 mod backend;
 mod job;
@@ -653,7 +655,7 @@ pub fn defer_durable_here(job: Result<DurableJob, OutboxError>) -> Result<(), Ou
 /// after the work of the current one. The flush closes the batch and writes its rows in
 /// order; a job staged after that (from pre-commit work of a later round) opens the next batch.
 /// If the transaction rolls back before the flush, the batch is dropped with it.
-struct Batch {
+pub(crate) struct Batch {
     rows: Vec<NewRow>,
     closed: bool,
 }
@@ -717,6 +719,11 @@ fn register_flush(
     if let Some(c) = conn.connection::<diesel::MysqlConnection>() {
         return c.before_commit(move |c| c.flush_batch(&batch));
     }
+    #[cfg(feature = "async")]
+    let batch = match register_flush_async(conn, batch) {
+        Ok(()) => return Ok(()),
+        Err(batch) => batch,
+    };
     let _ = batch;
     Err(diesel::result::Error::QueryBuilderError(
         format!(
@@ -727,6 +734,38 @@ fn register_flush(
         )
         .into(),
     ))
+}
+
+/// `register_flush` on an async connection: its pre-commit phase registers the flush as async
+/// `before_commit` work. Gives `batch` back when `conn` is not an async connection.
+#[cfg(feature = "async")]
+fn register_flush_async(
+    conn: &mut PreCommitConnection<'_>,
+    batch: SharedBatch,
+) -> Result<(), SharedBatch> {
+    macro_rules! try_async {
+        ($conn:ty) => {
+            let flush = batch.clone();
+            if conn.run_async::<$conn, _>(move |c| {
+                Box::pin(async move {
+                    c.before_commit(move |c| {
+                        Box::pin(async move { c.flush_batch_async(&flush).await })
+                    })
+                })
+            }) {
+                return Ok(());
+            }
+        };
+    }
+    #[cfg(feature = "postgres")]
+    try_async!(diesel_async::AsyncPgConnection);
+    #[cfg(feature = "mysql")]
+    try_async!(diesel_async::AsyncMysqlConnection);
+    #[cfg(feature = "sqlite")]
+    try_async!(
+        diesel_async::sync_connection_wrapper::SyncConnectionWrapper<diesel::SqliteConnection>
+    );
+    Err(batch)
 }
 
 impl<C: OutboxConnection> SignalConnection<C> {
@@ -745,22 +784,27 @@ impl<C: OutboxConnection> SignalConnection<C> {
         let written = self
             .outbox_insert_many(&rows)
             .map_err(|e| batch_error(e, &rows))?;
-        if written < rows.len() {
-            log::debug!(
-                target: "diesel_transaction_signals",
-                "defer_durable!: {} of {} durable jobs were no-ops (idempotency key already present)",
-                rows.len() - written,
-                rows.len()
-            );
-        }
+        log_no_ops(written, rows.len());
         self.wake_after_commit();
         Ok(())
     }
 }
 
+/// Logs how many of a batch's jobs were no-ops (an idempotency key already present).
+fn log_no_ops(written: usize, staged: usize) {
+    if written < staged {
+        log::debug!(
+            target: "diesel_transaction_signals",
+            "defer_durable!: {} of {} durable jobs were no-ops (idempotency key already present)",
+            staged - written,
+            staged
+        );
+    }
+}
+
 /// A database error from writing a batch of `defer_durable!` jobs: the same kind, the message
 /// prefixed with what was being written.
-fn batch_error(e: diesel::result::Error, rows: &[NewRow]) -> diesel::result::Error {
+pub(crate) fn batch_error(e: diesel::result::Error, rows: &[NewRow]) -> diesel::result::Error {
     match e {
         diesel::result::Error::DatabaseError(kind, info) => {
             let mut queues: Vec<&str> = rows.iter().map(|r| r.queue.as_str()).collect();

@@ -1119,44 +1119,6 @@ async fn commit_async_hooks_survive_a_dropped_caller() {
     assert_eq!(lines.len(), 2, "{lines:?}");
 }
 
-/// Durable jobs are not available from async connections yet: `defer_durable!` is accepted at
-/// the call and refused at COMMIT, which rolls the transaction back with an error that says so;
-/// nothing is written, the rollback hooks run.
-#[cfg(feature = "outbox")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn defer_durable_from_an_async_transaction_is_refused_at_commit() {
-    use diesel_migrations::MigrationHarness;
-    use diesel_transaction_signals::{defer_durable, outbox};
-    let url = sqlite_url();
-    {
-        let mut sync = <diesel_transaction_signals::SignalConnection<SqliteConnection> as diesel::Connection>::establish(&url).unwrap();
-        sync.run_pending_migrations(outbox::migrations::SQLITE)
-            .unwrap();
-    }
-    let mut c = Sqlite::connect_to(&url).await;
-    let rec = Recorder::new();
-    let r = rec.clone();
-    let result = c
-        .transaction(async |c| {
-            c.on_rollback(r.hook("rollback"));
-            defer_durable!("emails", &"ada@example.com").expect("accepted at the call");
-            QueryResult::Ok(())
-        })
-        .await;
-    let err = result.expect_err("refused at COMMIT");
-    assert!(
-        err.to_string().contains("needs a SignalConnection"),
-        "{err}"
-    );
-    assert_eq!(rec.take(), ["rollback"]);
-    let n = diesel::sql_query("SELECT COUNT(*) AS n FROM dts_outbox")
-        .get_result::<Count>(&mut c)
-        .await
-        .unwrap()
-        .n;
-    assert_eq!(n, 0, "nothing written");
-}
-
 /// The transaction future dropped while COMMIT is in flight: only the server knows whether it
 /// committed, so the hooks settle `Unknown` (no commit hook, no rollback hook, `on_complete`
 /// gets `Unknown`), as in sync. SQLite's COMMIT runs on a blocking thread; a reader holding a

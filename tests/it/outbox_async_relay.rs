@@ -181,6 +181,77 @@ macro_rules! async_relay_suite {
                 assert!(db.rows(&q).is_empty(), "delivered rows are deleted");
             }
 
+            /// Durable jobs from async code: `defer_durable`, `enqueue_all` and the
+            /// connection-less `defer_durable!` on an async connection are written inside the
+            /// caller's transaction, and commit or roll back with it (savepoints included);
+            /// an async relay delivers the committed ones.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn jobs_enqueued_from_async_code_commit_with_the_transaction() {
+                use diesel_transaction_signals::defer_durable;
+                let db = Db::new();
+                let q = queue("aenqueue");
+                let pool = db.deadpool();
+                let mut conn = pool.get().await.unwrap();
+                let rolled_back = (*conn)
+                    .transaction(async |c| {
+                        c.defer_durable(&q, "rolled back").await.unwrap();
+                        defer_durable!(&q, "rolled back too").unwrap();
+                        Err::<(), _>(diesel::result::Error::RollbackTransaction)
+                    })
+                    .await;
+                assert!(rolled_back.is_err());
+                assert!(
+                    db.rows(&q).is_empty(),
+                    "nothing of a rolled-back transaction"
+                );
+                let ids = (*conn)
+                    .transaction(async |c| {
+                        let id = c.defer_durable(&q, "one").await.unwrap();
+                        let jobs = ["two", "three"]
+                            .iter()
+                            .map(|p| DurableJob::new(&q, p).unwrap())
+                            .collect::<Vec<_>>();
+                        assert_eq!(c.enqueue_all(jobs).await.unwrap(), 2);
+                        for p in ["four", "five"] {
+                            defer_durable!(&q, &p).unwrap();
+                        }
+                        let keyed = || DurableJob::new(&q, "six").unwrap().idempotency_key("six");
+                        assert!(c.enqueue(keyed()).await.unwrap().is_some());
+                        assert_eq!(c.enqueue(keyed()).await.unwrap(), None, "a no-op");
+                        let inner = c
+                            .transaction(async |c| {
+                                c.defer_durable(&q, "savepoint").await.unwrap();
+                                defer_durable!(&q, "savepoint too").unwrap();
+                                Err::<(), _>(diesel::result::Error::RollbackTransaction)
+                            })
+                            .await;
+                        assert!(inner.is_err());
+                        QueryResult::Ok(id)
+                    })
+                    .await
+                    .unwrap();
+                assert!(ids.is_some());
+                assert_eq!(db.rows(&q).len(), 6, "one, two, three, four, five, six");
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                let relay = AsyncRelay::builder(pool.clone())
+                    .handler(&q, move |job: Job| {
+                        let tx = tx.clone();
+                        async move {
+                            tx.send(job.payload::<String>()?)?;
+                            Ok::<_, BoxError>(())
+                        }
+                    })
+                    .spawn()
+                    .unwrap();
+                let mut got = Vec::new();
+                for _ in 0..6 {
+                    got.push(next(&mut rx, "delivery").await);
+                }
+                got.sort();
+                assert_eq!(got, ["five", "four", "one", "six", "three", "two"]);
+                relay.shutdown().await;
+            }
+
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn failures_retry_with_backoff_then_go_to_the_dead_letter_state() {
                 let db = Db::new();
