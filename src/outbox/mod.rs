@@ -77,6 +77,7 @@ mod backend;
 mod job;
 #[cfg(feature = "outbox-listen")]
 mod listen;
+mod options;
 mod relay;
 mod stats;
 
