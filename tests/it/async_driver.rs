@@ -66,6 +66,10 @@ macro_rules! backend {
                     let mut c = AsyncSignalConnection::<$ty>::establish(&url)
                         .await
                         .expect("connect");
+                    // PostgreSQL's CREATE TABLE IF NOT EXISTS races with itself (a unique
+                    // violation in its catalog): one at a time in this process.
+                    static CREATE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+                    let _one_at_a_time = CREATE.lock().await;
                     diesel::sql_query($create).execute(&mut c).await.unwrap();
                     c
                 }
@@ -1170,4 +1174,53 @@ async fn dropped_while_commit_is_in_flight_settles_unknown() {
     }
     assert_eq!(rec.take(), ["complete:Unknown"]);
     assert_eq!(c.transaction_depth(), 0);
+}
+
+/// PostgreSQL: the connection is lost while COMMIT is in flight (the server ends the backend
+/// from a `PRE_COMMIT` receiver, the last moment before COMMIT is sent). Only the server knows
+/// whether it committed: the hooks settle `Unknown`, as in sync; `transaction` returns an error
+/// and the connection reports itself broken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connection_lost_during_commit_settles_unknown() {
+    use diesel_transaction_signals::signals::PRE_COMMIT;
+    use std::sync::atomic::AtomicI32;
+    let mut c = AsyncPgConnection::connect().await;
+    let id = c.id();
+    let pid = Arc::new(AtomicI32::new(0));
+    let target = Arc::clone(&pid);
+    let _kill = PRE_COMMIT.connect_guard(move |e| {
+        if e.connection() == id {
+            let mut killer =
+                <diesel::PgConnection as diesel::Connection>::establish(&common::pg_url()).unwrap();
+            diesel::RunQueryDsl::execute(
+                diesel::sql_query(format!(
+                    "SELECT pg_terminate_backend({})",
+                    AtomicI32::load(&target, Ordering::SeqCst)
+                )),
+                &mut killer,
+            )
+            .unwrap();
+        }
+        Ok(())
+    });
+    let tag = unique_tag("lost-commit");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let result = c
+        .transaction(async |c| {
+            AsyncPgConnection::exec(c, &insert(&tag, 1)).await?;
+            let p = diesel::sql_query("SELECT pg_backend_pid() AS pid")
+                .get_result::<Pid>(c)
+                .await?
+                .pid;
+            pid.store(p, Ordering::SeqCst);
+            c.on_commit(r.hook("commit"));
+            c.on_rollback(r.hook("rollback"));
+            c.on_complete(r.outcome("complete"));
+            QueryResult::Ok(())
+        })
+        .await;
+    assert!(result.is_err(), "{result:?}");
+    assert_eq!(rec.take(), ["complete:Unknown"]);
+    assert!(diesel_async::pooled_connection::PoolableConnection::is_broken(&mut c));
 }
