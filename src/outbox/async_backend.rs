@@ -273,6 +273,7 @@ mod mysql {
             limit: i64,
             lease_ms: i64,
         ) -> QueryResult<Vec<ClaimedRow>> {
+            mysql::claim_isolation().execute(self).await?;
             Tm::begin_transaction(self).await?;
             match claim_in_transaction(self, owner, queues_json, limit, lease_ms).await {
                 Ok(rows) => {

@@ -874,6 +874,15 @@ pub(super) mod mysql {
         .bind::<Text, _>(owner)
     }
 
+    /// Sets READ COMMITTED for the claim's transaction (the next one only). Under MySQL's
+    /// default REPEATABLE READ, `SELECT .. FOR UPDATE` keeps a lock on every row it scanned in
+    /// the ready index, other queues' rows included, for the whole claim, and `SKIP LOCKED`
+    /// claims elsewhere then skip them: relays of different queues would starve each other.
+    /// Under READ COMMITTED the rows that do not match are unlocked as soon as they are read.
+    pub(in crate::outbox) fn claim_isolation() -> Stmt<'static> {
+        diesel::sql_query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED").into_boxed()
+    }
+
     /// Reads the rows `ids` just leased, as [`ClaimedRow`]s.
     pub(in crate::outbox) fn claim_read<'a>(ids: &[Id]) -> Stmt<'a> {
         let list = id_list(&ids.iter().map(|r| r.id).collect::<Vec<_>>());
@@ -1018,6 +1027,7 @@ pub(super) mod mysql {
                 claim_update(owner, &ids, lease_ms).execute(conn)?;
                 claim_read(&ids).load(conn)
             };
+            claim_isolation().execute(self)?;
             self.transaction(claim)
         }
 
