@@ -139,15 +139,7 @@ impl Bookkeeping {
     /// [`registry`]). Returns its serial and registry slot.
     #[inline(always)]
     pub(crate) fn open_level(&mut self, local: bool) -> (u64, Slot) {
-        if self.ledger.depth() == 0 {
-            // Read the clock only for signal receivers: `Instant::now` is the costliest step of
-            // a hook-free transaction (a serialising `rdtscp`, ~40 ns in a VM).
-            self.opened_at = signals::any_receivers().then(Instant::now);
-            self.unverified = false;
-            if !self.ended_elsewhere.is_empty() {
-                self.ended_elsewhere.clear();
-            }
-        }
+        self.before_open();
         let (id, inbox) = (self.label.id, &self.inbox);
         self.ledger
             .open(|serial| registry::enter(id, serial, (!local).then_some(inbox)))
@@ -157,14 +149,24 @@ impl Bookkeeping {
     /// (see [`registry`]). Returns its serial and slot.
     #[cfg(feature = "async")]
     pub(crate) fn open_task_level(&mut self) -> (u64, Slot) {
-        if self.ledger.depth() == 0 {
-            self.opened_at = signals::any_receivers().then(Instant::now);
-            self.unverified = false;
-            self.ended_elsewhere.clear();
-        }
+        self.before_open();
         let (id, inbox) = (self.label.id, &self.inbox);
         self.ledger
             .open(|serial| registry::task::enter(id, serial, inbox))
+    }
+
+    /// What a new outermost transaction starts from (nothing to do for a savepoint).
+    #[inline(always)]
+    fn before_open(&mut self) {
+        if self.ledger.depth() == 0 {
+            // Read the clock only for signal receivers: `Instant::now` is the costliest step of
+            // a hook-free transaction (a serialising `rdtscp`, ~40 ns in a VM).
+            self.opened_at = signals::any_receivers().then(Instant::now);
+            self.unverified = false;
+            if !self.ended_elsewhere.is_empty() {
+                self.ended_elsewhere.clear();
+            }
+        }
     }
 
     /// Notes that a statement whose SQL the wrapper cannot see (raw SQL, a boxed query) ran: on

@@ -1224,3 +1224,45 @@ async fn postgres_connection_lost_during_commit_settles_unknown() {
     assert_eq!(rec.take(), ["complete:Unknown"]);
     assert!(diesel_async::pooled_connection::PoolableConnection::is_broken(&mut c));
 }
+
+/// The caller's future dropped after COMMIT outside any tokio runtime, while `on_commit_async`
+/// futures are pending: nothing can run them, so each is dropped with a warning naming it.
+#[test]
+fn commit_async_hooks_dropped_outside_a_runtime_are_logged() {
+    use tokio::sync::oneshot;
+    let logs = common::logger();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut c = rt
+        .block_on(Sqlite::connect())
+        .with_alias("async-no-runtime");
+    let (started_tx, started_rx) = oneshot::channel::<()>();
+    let rec = Recorder::new();
+    let (r1, r2) = (rec.clone(), rec.clone());
+    let mut fut = Box::pin(c.transaction(async |c| {
+        c.on_commit_async(async move {
+            started_tx.send(()).unwrap();
+            std::future::pending::<()>().await;
+            r1.push("first");
+        });
+        c.on_commit_async(async move { r2.push("second") });
+        QueryResult::Ok(())
+    }));
+    rt.block_on(async {
+        tokio::select! {
+            _ = &mut fut => panic!("the first future never finishes"),
+            started = started_rx => started.unwrap(),
+        }
+    });
+    drop(fut); // outside the runtime's context
+    assert!(rec.get().is_empty());
+    let lines = logs.matching(
+        log::Level::Warn,
+        &["on_commit_async", "dropped unrun", "(async-no-runtime)"],
+    );
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(c.transaction_depth(), 0, "committed");
+}

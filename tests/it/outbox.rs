@@ -476,3 +476,82 @@ outbox_suite!(
     crate::outbox::mysql_db,
     crate::outbox::nothing
 );
+
+/// MySQL/MariaDB: a relay's claim must not hold locks on rows of queues it does not serve,
+/// or a relay of another queue claiming at the same time (`SKIP LOCKED`) skips them. The claim
+/// of queue `x` is held open at its UPDATE (an instrumentation callback waits there) while
+/// another connection locks the rows of queue `y`, which sort before `x`'s in the ready index
+/// the claim scans: they must all be lockable. (Under REPEATABLE READ the scan kept them
+/// locked until the claim's COMMIT, and the probe never saw them.)
+#[test]
+fn mysql_a_claim_leaves_the_rows_of_other_queues_unlocked() {
+    use diesel::connection::{Connection, Instrumentation, InstrumentationEvent};
+    use diesel::prelude::*;
+    use diesel_transaction_signals::outbox::OutboxConnection;
+
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        #[allow(dead_code)]
+        id: i64,
+    }
+
+    let (x, y) = (queue("claim_x"), queue("claim_y"));
+    // y's rows first: they come before x's in the ready index (run_at, id).
+    let mut writer = diesel_transaction_signals::SignalConnection::new(common::mysql_plain());
+    for (q, n) in [(&y, 3), (&x, 1)] {
+        for i in 0..n {
+            writer.enqueue(DurableJob::new(q, &i).unwrap()).unwrap();
+        }
+    }
+
+    let (at_update_tx, at_update) = mpsc::channel::<()>();
+    let (go, go_rx) = mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    let mut claimer = common::mysql_plain();
+    let hold = move |event: InstrumentationEvent<'_>| {
+        if let InstrumentationEvent::StartQuery { query, .. } = event {
+            if query
+                .to_string()
+                .starts_with("UPDATE dts_outbox SET locked_until")
+            {
+                let _ = at_update_tx.send(());
+                let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(30));
+            }
+        }
+    };
+    let boxed: Box<dyn Instrumentation> = Box::new(hold);
+    claimer.set_instrumentation(boxed);
+    let queues = format!("[\"{x}\"]");
+    let claim = std::thread::spawn(move || {
+        claimer
+            .outbox_claim("test-claimer", &queues, 10, 30_000)
+            .map(|rows| rows.len())
+    });
+    at_update
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the claim reached its UPDATE");
+
+    let mut probe = common::mysql_plain();
+    let seen = common::try_wait_for(Duration::from_secs(10), || {
+        let rows = probe
+            .transaction(|c| {
+                diesel::sql_query(format!(
+                    "SELECT id FROM dts_outbox WHERE queue = '{y}' FOR UPDATE SKIP LOCKED"
+                ))
+                .load::<Id>(c)
+            })
+            .unwrap();
+        (rows.len() == 3).then_some(())
+    });
+    go.send(()).unwrap();
+    assert_eq!(
+        claim.join().unwrap().unwrap(),
+        1,
+        "the claim took x's one row"
+    );
+    assert!(
+        seen.is_some(),
+        "while x's claim was open, y's rows stayed locked by it"
+    );
+}
