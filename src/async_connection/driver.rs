@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use diesel::connection::{TransactionManagerStatus, ValidTransactionManagerStatus};
-use diesel::result::{Error, QueryResult};
+use diesel::result::{DatabaseErrorKind, Error, QueryResult};
 use diesel_async::{AsyncConnection, TransactionManager};
 
 use super::forward::AsyncFunc;
@@ -470,13 +470,28 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
                     C::TransactionManager::commit_transaction(&mut self.inner).await
                 }
             };
+            // An error without a class (PostgreSQL's FATAL "terminating connection" read as
+            // COMMIT's answer, MySQL's lost connection) says nothing of the connection: ask it,
+            // still under the guard, with a statement that changes nothing.
+            let dead = match &result {
+                Err(Error::DatabaseError(DatabaseErrorKind::Unknown, _)) => matches!(
+                    self.inner.batch_execute("SELECT 1").await,
+                    Err(Error::DatabaseError(
+                        DatabaseErrorKind::ClosedConnection
+                            | DatabaseErrorKind::UnableToSendCommand,
+                        _
+                    ))
+                ),
+                _ => false,
+            };
             let (book, _) = scopeguard::ScopeGuard::into_inner(in_flight);
             if let Some(slot) = slot {
                 registry::unseal(slot, &book.inbox);
             }
-            result
+            (result, dead)
         };
-        let result = self.commit_settled(plan, before, result);
+        let (result, dead) = result;
+        let result = self.commit_settled(plan, before, result, dead);
         if self.book.ledger.depth() == 0 {
             self.watch.reset();
             self.run_after_commit().await;
@@ -491,11 +506,12 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         plan: Plan,
         before: Status,
         result: QueryResult<()>,
+        dead: bool,
     ) -> QueryResult<()> {
         let after = self.status();
         let call = match &result {
             Ok(()) => Call::Ok,
-            Err(e) => classify_commit_error(e, after == Status::Broken, || false),
+            Err(e) => classify_commit_error(e, after == Status::Broken, || dead),
         };
         let lost = self.book.ledger.lost();
         let step = self.book.ledger.step(Op::Commit, plan, before, call, after);
