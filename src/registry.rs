@@ -45,6 +45,14 @@
 //! - a task never sees another task's levels: a spawned task does not inherit its parent's
 //!   transaction, and code inside a task never falls back to its thread's entries;
 //! - an entry leaves the map when its level closes, from whatever thread or task closes it.
+//!
+//! The task map is the general path, behind two locks (the map's, the inbox's). The common
+//! case takes neither: an async connection's `transaction` runs its closure in a
+//! **[`task::Scope`]**, a tokio task-local that travels with the task across `.await`s and
+//! threads, and while the closure's level is the task's innermost, `defer` puts hooks in the
+//! scope's buffer as a sync closure's thread does (invariants at [`task::Scope`]). A level
+//! opened in the task inside the closure (a savepoint of raw manager calls, another
+//! connection's transaction) hides the scope until it closes; `defer` then takes the map.
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -67,6 +75,9 @@ pub(crate) struct Inbox {
     /// dropped before it ended (0: none), for the connection's next operation to roll back.
     #[cfg(feature = "async")]
     abandoned: std::sync::atomic::AtomicUsize,
+    /// Async connections: hooks may wait in the [`task::Scope`] of a `transaction` closure.
+    #[cfg(feature = "async")]
+    scoped: AtomicBool,
     state: Mutex<InboxState>,
 }
 
@@ -87,6 +98,28 @@ impl Inbox {
     #[inline]
     pub(crate) fn has_pending(&self) -> bool {
         self.pending.load(Ordering::Acquire)
+    }
+
+    /// Whether hooks may wait in a `transaction` closure's scope (async connections).
+    #[cfg(feature = "async")]
+    #[inline]
+    pub(crate) fn has_scoped(&self) -> bool {
+        self.scoped.load(Ordering::Acquire)
+    }
+
+    /// Forgets [`has_scoped`](Self::has_scoped), before the connection takes them.
+    #[cfg(feature = "async")]
+    pub(crate) fn clear_scoped(&self) {
+        self.scoped.store(false, Ordering::Release);
+    }
+
+    /// Notes that a hook waits in a closure's scope: a store only for the first one.
+    #[cfg(feature = "async")]
+    #[inline]
+    fn note_scoped(&self) {
+        if !self.scoped.load(Ordering::Relaxed) {
+            self.scoped.store(true, Ordering::Release);
+        }
     }
 
     /// Swaps the waiting hooks, if any, into `into` (empty), which leaves `into`'s buffer here
@@ -175,9 +208,9 @@ pub(crate) enum Slot {
     Local { below: Option<LocalLevel> },
     /// A shared level: an [`Entry`] in its thread's list.
     Shared,
-    /// An async connection's level: an entry in the task map under this key.
+    /// An async connection's level: an entry in the task map.
     #[cfg(feature = "async")]
-    Task(task::Key),
+    Task(task::Entered),
 }
 
 /// A shared level (see the module docs).
@@ -204,9 +237,11 @@ struct Registry {
 }
 
 /// Hooks deferred to local levels, in registration order, until their connection's next
-/// operation on this thread. Stored as runs of hooks for one level, so the usual drain (one run,
-/// for the connection's innermost level) is a single move of the whole buffer.
-struct LocalBuffer {
+/// operation on this thread (or, as a task's [`task::Scope`], in that task). Stored as runs of
+/// hooks for one level, so the usual drain (one run, for the connection's innermost level) is a
+/// single move of the whole buffer.
+#[derive(Default)]
+pub(crate) struct LocalBuffer {
     /// `(connection, level serial, end)`: `hooks[previous run's end..end]` belong to that level.
     runs: Vec<(ConnectionId, u64, usize)>,
     hooks: Vec<Hook>,
@@ -224,17 +259,24 @@ impl LocalBuffer {
             Some((c, s, e)) if *c == conn && *s == serial => *e = end,
             _ => self.runs.push((conn, serial, end)),
         }
-        LOCAL_WAITING.with(|cell| cell.set(true));
+    }
+
+    /// Whether no hook waits here.
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.runs.is_empty()
     }
 
     /// Moves `conn`'s hooks into `ledger` (those whose level is gone into `stranded`).
-    fn take(
+    pub(crate) fn take(
         &mut self,
         conn: ConnectionId,
         ledger: &mut Ledger<Slot>,
         stranded: &mut Vec<(u64, Hook)>,
     ) {
         match self.runs[..] {
+            // Nothing waits (a closure that deferred nothing): the buffers keep their capacity.
+            [] => return,
             [(c, serial, _)]
                 if c == conn && serial == ledger.innermost_serial() && !ledger.is_sealed() =>
             {
@@ -267,7 +309,6 @@ impl LocalBuffer {
         if self.runs.is_empty() {
             self.has_pre_commit = false;
         }
-        LOCAL_WAITING.with(|cell| cell.set(!self.runs.is_empty()));
     }
 }
 
@@ -360,7 +401,7 @@ pub(crate) fn exit(conn: ConnectionId, serial: u64, slot: Slot, inbox: &Inbox) -
         }
         Slot::Shared => exit_shared(conn, serial, inbox),
         #[cfg(feature = "async")]
-        Slot::Task(key) => task::exit(key, conn, serial),
+        Slot::Task(entered) => task::exit(entered, conn, serial),
     }
 }
 
@@ -396,7 +437,11 @@ pub(crate) fn take_local(
     ledger: &mut Ledger<Slot>,
     stranded: &mut Vec<(u64, Hook)>,
 ) {
-    let _ = REGISTRY.try_with(|reg| reg.borrow_mut().local.take(conn, ledger, stranded));
+    let _ = REGISTRY.try_with(|reg| {
+        let local = &mut reg.borrow_mut().local;
+        local.take(conn, ledger, stranded);
+        LOCAL_WAITING.set(!local.is_empty());
+    });
 }
 
 /// Marks `conn`'s level `serial` (entered as `slot`) as committing: until [`unseal`], pre-commit
@@ -436,9 +481,14 @@ pub(crate) fn offer(hook: Hook) -> Result<ConnectionId, Hook> {
             (Some((conn, serial)), last) if last.is_none_or(|e| e.below != top) => {
                 if let Some(hook) = slot.take() {
                     reg.local.push(conn, serial, hook, false);
+                    LOCAL_WAITING.set(true);
                 }
                 Some(conn)
             }
+            // Nothing open on this thread: the `transaction` closure of an async connection
+            // running in this task takes it without a lock, if its level is the innermost.
+            #[cfg(feature = "async")]
+            (None, None) => task::offer_scoped(&mut slot),
             _ => None,
         }
     });
@@ -481,6 +531,7 @@ fn offer_shared(hook: Hook, pre_commit: bool) -> Result<ConnectionId, (Hook, Def
                         return Err((hook, DeferError::CommitInFlight));
                     }
                     reg.local.push(conn, serial, hook, pre_commit);
+                    LOCAL_WAITING.set(true);
                     return Ok(conn);
                 }
                 #[cfg(feature = "async")]
@@ -542,12 +593,15 @@ pub fn in_transaction() -> bool {
 /// The task map: levels of async connections, by task (see the module docs).
 #[cfg(feature = "async")]
 pub(crate) mod task {
+    use std::cell::RefCell;
+    use std::future::Future;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex, MutexGuard};
 
-    use super::{Inbox, Slot};
-    use crate::hook::Hook;
+    use super::{Inbox, LocalBuffer, Slot};
+    use crate::hook::{settle_all, Hook};
     use crate::id::ConnectionId;
+    use crate::outcome::Outcome;
     use crate::pre_commit::DeferError;
 
     /// Whose levels an entry belongs to: a tokio task, or a thread running outside any task.
@@ -586,6 +640,14 @@ pub(crate) mod task {
         MAP.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Where an async level was entered: its key in the map, and the [`Scope`] it hid (the
+    /// `transaction` closure running in the task when it opened), if any.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) struct Entered {
+        key: Key,
+        hid: Option<(ConnectionId, u64)>,
+    }
+
     /// Records that `conn` opened level `serial` in the current task.
     pub(crate) fn enter(conn: ConnectionId, serial: u64, inbox: &Arc<Inbox>) -> Slot {
         let key = Key::current();
@@ -596,21 +658,181 @@ pub(crate) mod task {
             inbox: Arc::clone(inbox),
         });
         OPEN.fetch_add(1, Ordering::Release);
-        Slot::Task(key)
+        // The closure running in this task, if any, no longer has the innermost level.
+        let hid = SCOPE
+            .try_with(|scope| {
+                let mut scope = scope.borrow_mut();
+                scope.hidden += 1;
+                (scope.conn, scope.serial)
+            })
+            .ok();
+        Slot::Task(Entered { key, hid })
     }
 
-    /// Records that `conn`'s level `serial`, entered under `key`, closed. Always true: the
+    /// Records that `conn`'s level `serial`, entered as `entered`, closed. Always true: the
     /// map is reachable from every thread.
-    pub(crate) fn exit(key: Key, conn: ConnectionId, serial: u64) -> bool {
-        let mut map = map();
-        if let Some(i) = map
-            .iter()
-            .rposition(|e| e.key == key && e.conn == conn && e.serial == serial)
+    pub(crate) fn exit(entered: Entered, conn: ConnectionId, serial: u64) -> bool {
         {
-            map.remove(i);
-            OPEN.fetch_sub(1, Ordering::Release);
+            let mut map = map();
+            if let Some(i) = map
+                .iter()
+                .rposition(|e| e.key == entered.key && e.conn == conn && e.serial == serial)
+            {
+                map.remove(i);
+                OPEN.fetch_sub(1, Ordering::Release);
+            }
         }
+        // Closed inside the closure whose level it hid (anywhere else, that closure's scope
+        // stays on the task map's path until it ends: slower, never wrong).
+        let _ = SCOPE.try_with(|scope| {
+            let mut scope = scope.borrow_mut();
+            let this = (scope.conn, scope.serial);
+            if entered.hid == Some(this) {
+                scope.hidden -= 1;
+            } else if this == (conn, serial) {
+                // The closure's own level, ended by the closure itself (raw manager calls).
+                scope.open = false;
+            }
+        });
         true
+    }
+
+    tokio::task_local! {
+        /// The [`Scope`] of the async `transaction` closure running in this task.
+        static SCOPE: RefCell<Scope>;
+    }
+
+    /// The state of an async connection's `transaction` closure, carried by its task across
+    /// `.await`s and threads (a tokio task-local, set around the closure's future only): while
+    /// the closure's level is the task's innermost, `defer` puts hooks in its buffer with no
+    /// lock and no atomic operation, as a sync closure's thread does. Invariants:
+    /// - hooks go to the buffer only while `open` and `hidden == 0`; every other `defer` takes
+    ///   the task map's path;
+    /// - the connection takes the buffer's hooks into its ledger at its next operation in this
+    ///   task (the inbox's `scoped` flag says there are some) and when the closure returns
+    ///   ([`end_scope`]), so none waits past its level's end and registration order is kept;
+    /// - dropped before the closure returned (a cancelled `transaction` future), it marks the
+    ///   level abandoned and hands what it still holds to the connection's inbox: the
+    ///   rollback of the abandoned level settles them, or, if the connection is gone, they are
+    ///   settled `Unknown` with a log line.
+    pub(crate) struct Scope {
+        conn: ConnectionId,
+        serial: u64,
+        inbox: Arc<Inbox>,
+        /// The depth of the closure's level, marked abandoned if the closure never returns.
+        depth: usize,
+        /// The closure is still running (cleared by [`end_scope`]).
+        armed: bool,
+        /// The closure's level is still open.
+        open: bool,
+        /// Levels opened in this task inside the closure and not closed there yet.
+        hidden: u32,
+        buffer: LocalBuffer,
+    }
+
+    impl Scope {
+        /// The scope of the closure of `conn`'s level `serial` (at `depth`), with `buffer` (the
+        /// connection's spare, empty, to keep its capacity).
+        pub(crate) fn new(
+            conn: ConnectionId,
+            serial: u64,
+            depth: usize,
+            inbox: &Arc<Inbox>,
+            buffer: LocalBuffer,
+        ) -> Scope {
+            Scope {
+                conn,
+                serial,
+                inbox: Arc::clone(inbox),
+                depth,
+                armed: true,
+                open: true,
+                hidden: 0,
+                buffer,
+            }
+        }
+    }
+
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            if !self.armed {
+                return;
+            }
+            // The closure's future was dropped before it returned: the least that is safe
+            // without the connection (which the dropped future borrowed) is a mark in the
+            // inbox, and the waiting hooks handed to it; the rollback needs I/O and happens at
+            // the connection's next operation.
+            self.inbox.abandon(self.depth);
+            let hooks = std::mem::take(&mut self.buffer.hooks).into_iter();
+            let mut start = 0;
+            let mut hooks = hooks;
+            for (_, serial, end) in std::mem::take(&mut self.buffer.runs) {
+                for hook in hooks.by_ref().take(end - start) {
+                    if let Err((hook, _)) = self.inbox.offer(serial, hook) {
+                        settle_all(
+                            std::iter::once(hook),
+                            Outcome::Unknown,
+                            None,
+                            "its connection was dropped with the transaction future",
+                        );
+                    }
+                }
+                start = end;
+            }
+        }
+    }
+
+    /// Runs `fut`, a `transaction` closure's future, in `scope`.
+    pub(crate) fn scoped<F: Future>(scope: Scope, fut: F) -> impl Future<Output = F::Output> {
+        SCOPE.scope(RefCell::new(scope), fut)
+    }
+
+    /// Called by the closure's future as it returns (inside [`scoped`]): the closure is no
+    /// longer running, and the hooks still in its buffer are returned with it, for the
+    /// connection to place before it ends the level.
+    pub(crate) fn end_scope() -> LocalBuffer {
+        SCOPE
+            .try_with(|scope| {
+                let mut scope = scope.borrow_mut();
+                scope.armed = false;
+                scope.open = false;
+                std::mem::take(&mut scope.buffer)
+            })
+            .unwrap_or_default()
+    }
+
+    /// `defer`'s lock-free path: puts the hook in `slot` into the buffer of the closure running
+    /// in this task, if its level is the task's innermost. Returns its connection then.
+    #[inline]
+    pub(crate) fn offer_scoped(slot: &mut Option<Hook>) -> Option<ConnectionId> {
+        SCOPE
+            .try_with(|scope| {
+                let scope = &mut *scope.borrow_mut();
+                if !scope.open || scope.hidden != 0 {
+                    return None;
+                }
+                let hook = slot.take()?;
+                scope.buffer.push(scope.conn, scope.serial, hook, false);
+                scope.inbox.note_scoped();
+                Some(scope.conn)
+            })
+            .ok()
+            .flatten()
+    }
+
+    /// Moves the hooks that the closure running in this task holds for `conn` into `ledger`
+    /// (those whose level has ended into `stranded`).
+    pub(crate) fn take_scoped(
+        conn: ConnectionId,
+        ledger: &mut crate::ledger::Ledger<Slot>,
+        stranded: &mut Vec<(u64, Hook)>,
+    ) {
+        let _ = SCOPE.try_with(|scope| {
+            let buffer = &mut scope.borrow_mut().buffer;
+            if !buffer.is_empty() {
+                buffer.take(conn, ledger, stranded);
+            }
+        });
     }
 
     /// Hands `hook` to the innermost level open in the current task; gives it back when

@@ -423,8 +423,8 @@ fn hook_capturing_nothing_costs_only_its_registration_site() {
 /// connection task (`tokio-postgres`'s, spawned on that runtime). What
 /// `SyncConnectionWrapper` hands to `spawn_blocking` (the SQLite statements themselves) runs on
 /// the runtime's blocking thread and is not counted, for plain and wrapped alike: both send
-/// the same statements. Code in `block_on` runs outside any task, so `defer` here finds its
-/// level under the thread's key in the task map (a task's id in a service; same code path).
+/// the same statements. `defer` inside `transaction`'s closure takes the closure's task-local
+/// scope, in `block_on` as in a spawned task (the same code path).
 ///
 /// Proved, after warm-up: a transaction without hooks (empty; with a released savepoint;
 /// rolled back; with a rolled-back savepoint; with a query) and a query allocate exactly what
@@ -758,9 +758,8 @@ mod async_driver {
                     assert_eq!(with, without + hook_box(&hook));
                 }
 
-                /// `defer` finds the level in the task map (here keyed by the thread, as
-                /// `block_on` runs no task) and hands the hook over through the connection's
-                /// inbox, whose buffer keeps its capacity.
+                /// `defer` puts the hook in the closure's scope, whose buffer the connection
+                /// lends and gets back with its capacity.
                 #[test]
                 fn defer_costs_one_allocation() {
                     let rt = runtime();
@@ -777,6 +776,29 @@ mod async_driver {
                     });
                     println!("defer: without {without:?}, with one hook {with:?}");
                     assert_eq!(with, without + hook_box(&hook));
+                }
+
+                /// A transaction that deferred nothing does not give up the buffer a `defer`
+                /// made grow: the next `defer` still costs its box alone.
+                #[test]
+                fn defer_after_a_transaction_without_hooks_costs_one_allocation() {
+                    let rt = runtime();
+                    let Some(inner) = $connect(&rt) else { return };
+                    let x = 7_u64;
+                    let hook = move || sink(x);
+                    let (without, with) = with_and_without(&rt, inner, async |conn| {
+                        conn.transaction(async |_| {
+                            defer(hook);
+                            QueryResult::Ok(())
+                        })
+                        .await
+                        .unwrap();
+                        conn.transaction(async |_| QueryResult::Ok(()))
+                            .await
+                            .unwrap()
+                    });
+                    println!("defer, then none: without {without:?}, with {with:?}");
+                    assert_eq!(with, without * 2 + hook_box(&hook));
                 }
 
                 #[test]

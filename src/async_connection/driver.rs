@@ -5,7 +5,7 @@
 //!
 //! What async adds, each at one place here:
 //! - **cancellation**: a `transaction` future dropped inside its closure leaves an
-//!   [`Abandon`] mark in the connection's inbox; the connection's next operation rolls the
+//!   abandoned mark in the connection's inbox (its task-local `Scope`, `registry::task`); the connection's next operation rolls the
 //!   level back (its rollback hooks run then, once) and statements are refused until it has.
 //!   A future dropped while the outermost COMMIT is in flight settles its hooks `Unknown`
 //!   (the in-flight guard in [`commit_level`](AsyncSignalConnection::commit_level));
@@ -17,7 +17,6 @@ use std::any::Any;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::Arc;
 use std::task::Poll;
 
 use diesel::connection::{TransactionManagerStatus, ValidTransactionManagerStatus};
@@ -33,7 +32,7 @@ use crate::error::TransactionAborted;
 use crate::ledger::{Call, Op, Plan, Status};
 use crate::outcome::Outcome;
 use crate::pre_commit::PreCommitConnection;
-use crate::registry::{self, Inbox};
+use crate::registry::{self, task};
 use crate::report::{panic_message, report, FailureCause, HookFailure, HookKind};
 use crate::signals::{self, Veto};
 
@@ -106,24 +105,6 @@ where
 
     fn is_broken_transaction_manager(conn: &mut AsyncSignalConnection<C>) -> bool {
         conn.is_broken_now()
-    }
-}
-
-/// Marks a level abandoned when the `transaction` future that owns it is dropped before the
-/// closure returned. Holds the inbox by `Arc` (no borrow of the connection, which the closure
-/// has), so its `Drop` does the least that is safe: one atomic store. The rollback needs I/O
-/// and happens at the connection's next operation.
-struct Abandon {
-    inbox: Arc<Inbox>,
-    depth: usize,
-    armed: bool,
-}
-
-impl Drop for Abandon {
-    fn drop(&mut self) {
-        if self.armed {
-            self.inbox.abandon(self.depth);
-        }
     }
 }
 
@@ -626,14 +607,24 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
     {
         self.begin_level().await?;
         let depth = self.book.ledger.depth();
-        let mut abandon = Abandon {
-            inbox: Arc::clone(&self.book.inbox),
+        // The closure runs in a task-local scope: `defer` in it needs no lock, and if this
+        // future is dropped before the closure returns, the scope marks the level abandoned
+        // (see `registry::task::Scope`).
+        let scope = task::Scope::new(
+            self.book.label.id,
+            self.book.ledger.innermost_serial(),
             depth,
-            armed: true,
-        };
-        let result = catch_panic(callback(&mut *self)).await;
-        abandon.armed = false;
-        drop(abandon);
+            &self.book.inbox,
+            std::mem::take(&mut self.scope_spare),
+        );
+        let this = &mut *self;
+        let (result, mut waiting) = task::scoped(scope, async move {
+            let result = catch_panic(callback(this)).await;
+            (result, task::end_scope())
+        })
+        .await;
+        self.book.place_scoped(&mut waiting);
+        self.scope_spare = waiting;
         let result = match result {
             Ok(result) => result,
             Err(panic) => {

@@ -113,6 +113,9 @@ pub struct AsyncSignalConnection<C> {
     pub(crate) book: Bookkeeping,
     pub(crate) watch: Watch,
     pub(crate) after_commit: AfterCommit,
+    /// The buffer a `transaction` closure's scope borrows and gives back, so `defer` in the
+    /// steady state allocates nothing but the hook's box.
+    pub(crate) scope_spare: crate::registry::LocalBuffer,
 }
 
 impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
@@ -138,6 +141,7 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
             book,
             watch,
             after_commit: AfterCommit::default(),
+            scope_spare: Default::default(),
         }
     }
 

@@ -68,8 +68,36 @@ impl Bookkeeping {
         if registry::local_waiting() {
             self.take_local();
         }
+        #[cfg(feature = "async")]
+        if self.inbox.has_scoped() {
+            self.take_scoped();
+        }
         if self.inbox.has_pending() {
             self.drain_pending();
+        }
+    }
+
+    /// Takes the hooks that `defer` left in the scope of an async `transaction` closure
+    /// running in this task (see [`registry::task::Scope`]).
+    #[cfg(feature = "async")]
+    #[cold]
+    fn take_scoped(&mut self) {
+        self.inbox.clear_scoped();
+        let mut stranded = Vec::new();
+        registry::task::take_scoped(self.label.id, &mut self.ledger, &mut stranded);
+        for (serial, hook) in stranded {
+            self.settle_stranded(serial, hook);
+        }
+    }
+
+    /// Places the hooks an async `transaction` closure's scope still held when the closure
+    /// returned ([`registry::task::end_scope`]); `buffer` is left empty, with its capacity.
+    #[cfg(feature = "async")]
+    pub(crate) fn place_scoped(&mut self, buffer: &mut registry::LocalBuffer) {
+        let mut stranded = Vec::new();
+        buffer.take(self.label.id, &mut self.ledger, &mut stranded);
+        for (serial, hook) in stranded {
+            self.settle_stranded(serial, hook);
         }
     }
 

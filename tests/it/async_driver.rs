@@ -281,6 +281,93 @@ async fn defer_never_crosses_tasks<B: Backend>() {
     assert_eq!(rec.take(), ["a-deferred"]);
 }
 
+/// `defer!` lands in the task's innermost level whichever way it was opened: the closure's
+/// own, a savepoint of `transaction`, a level opened with raw manager calls (on this connection
+/// or another) inside the closure; it keeps its place in registration order among `on_commit`
+/// hooks; after the closure ended its own level, it finds none and runs at once.
+async fn defer_takes_the_innermost_level<B: Backend>() {
+    use diesel_async::TransactionManager;
+    type Manager<B> = <AsyncSignalConnection<B> as AsyncConnection>::TransactionManager;
+    let mut c = B::connect().await;
+    let mut other = B::connect().await;
+    let rec = Recorder::new();
+    let r = rec.clone();
+    c.transaction(async |c| {
+        defer(r.hook("a"));
+        c.on_commit(r.hook("b"));
+        defer(r.hook("c"));
+        let inner = c
+            .transaction(async |_| {
+                defer(r.hook("savepoint-rolled-back"));
+                Err::<(), _>(Error::RollbackTransaction)
+            })
+            .await;
+        assert!(inner.is_err());
+        // A raw level on this connection hides the closure's level until it ends.
+        Manager::<B>::begin_transaction(c).await?;
+        defer(r.hook("raw-savepoint-rolled-back"));
+        Manager::<B>::rollback_transaction(c).await?;
+        // Another connection's level, opened in this task, is the innermost while it is open.
+        Manager::<B>::begin_transaction(&mut other).await?;
+        defer(r.hook("other-committed"));
+        Manager::<B>::commit_transaction(&mut other).await?;
+        assert_eq!(r.get(), ["other-committed"]);
+        defer(r.hook("d"));
+        QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(rec.take(), ["other-committed", "a", "b", "c", "d"]);
+
+    // The closure commits its own level with raw calls: a later `defer` finds no transaction.
+    let r = rec.clone();
+    c.transaction(async |c| {
+        defer(r.hook("committed-by-the-closure"));
+        Manager::<B>::commit_transaction(c).await?;
+        assert_eq!(r.get(), ["committed-by-the-closure"]);
+        defer(r.hook("no-transaction-runs-at-once"));
+        assert_eq!(
+            r.get(),
+            ["committed-by-the-closure", "no-transaction-runs-at-once"]
+        );
+        QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(c.transaction_depth(), 0);
+    rec.take();
+}
+
+/// A `transaction` future dropped inside its closure after `defer!`s: the deferred commit
+/// hooks never run, and the hooks registered after them on the connection are settled with the
+/// abandoned level's rollback, once.
+async fn cancelled_after_defer<B: Backend>() {
+    let mut c = B::connect().await;
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
+    {
+        let fut = c.transaction(async |c| {
+            defer(r.hook("deferred-commit"));
+            c.on_complete(r.outcome("complete"));
+            defer(r.hook("deferred-commit-2"));
+            entered_tx.send(()).unwrap();
+            std::future::pending::<QueryResult<()>>().await
+        });
+        tokio::select! {
+            _ = fut => panic!("the closure never returns"),
+            _ = async { entered_rx.await.unwrap() } => {}
+        }
+    }
+    c.transaction(async |_| QueryResult::Ok(())).await.unwrap();
+    assert_eq!(rec.take(), ["complete:RolledBack"]);
+    c.transaction(async |_| QueryResult::Ok(())).await.unwrap();
+    assert!(
+        rec.take().is_empty(),
+        "the deferred hooks are gone for good"
+    );
+}
+
 /// `on_commit_async` futures are awaited in order after COMMIT, before `transaction` returns;
 /// a rolled back transaction drops them unpolled.
 async fn commit_async_hooks_are_awaited<B: Backend>() {
@@ -654,6 +741,12 @@ macro_rules! scenarios {
             async fn defer_follows_the_task() { super::defer_follows_the_task::<$ty>().await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn defer_never_crosses_tasks() { super::defer_never_crosses_tasks::<$ty>().await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn defer_takes_the_innermost_level() {
+                super::defer_takes_the_innermost_level::<$ty>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cancelled_after_defer() { super::cancelled_after_defer::<$ty>().await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn commit_async_hooks_are_awaited() {
                 super::commit_async_hooks_are_awaited::<$ty>().await
