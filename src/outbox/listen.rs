@@ -1,6 +1,6 @@
 //! The listener of feature `outbox-listen`: a Diesel `PgConnection` (libpq, so the same URL
-//! syntax and TLS options as the pool's connections) that runs `LISTEN dts_outbox` and rings
-//! the in-process bell when a notification arrives.
+//! syntax and TLS options as the pool's connections) that runs `LISTEN dts_outbox`, registers
+//! itself in `dts_outbox_listeners`, and rings the in-process bell when a notification arrives.
 //!
 //! libpq delivers notifications only when the connection reads from its socket, and Diesel's
 //! `PgConnection::notifications_iter` reads without blocking (`PQconsumeInput`, then
@@ -10,16 +10,46 @@
 //! doubling at each empty look up to [`TICK`] (an idle listener wakes 20 times a second). A
 //! closed connection shows up there as an error.
 //!
-//! A failure to connect or to `LISTEN`, or a lost connection, is logged once as a warning; the
-//! retries back off exponentially (from [`FIRST_RETRY`] up to [`MAX_RETRY`]) and are logged at
-//! debug level only, and the recovery is one info line ("listener reconnected"). Meanwhile the
-//! relay's workers keep polling every `poll_interval`.
+//! # Registration: NOTIFY only when some relay listens
+//!
+//! The outbox's statement trigger sends `NOTIFY dts_outbox` only while `dts_outbox_listeners`
+//! has a row (migration `2026-12-02-000300_dts_outbox_listeners`): a transaction that enqueues
+//! while no relay listens pays no notification. So after `LISTEN`, the listener inserts its
+//! backend (`pg_backend_pid()` and that backend's `backend_start`, which tell a reused pid
+//! apart), first deleting the rows of backends that no longer exist (`pg_stat_activity`; a row
+//! whose backend belongs to a role whose `backend_start` this role cannot read is kept: a stale
+//! row costs a NOTIFY, a deleted live one would cost a relay its wake-ups). Then it rings the
+//! bell, so the relay looks for due jobs at once: a job that committed before the registration
+//! sent no NOTIFY, and that look finds it. When the relay stops cleanly the listener deletes
+//! its row; a reconnect registers again. A listener that dies without stopping (process
+//! killed, connection lost) leaves a row until the next registration removes it; until then
+//! enqueues notify as before. The table is `UNLOGGED`: a server crash empties it along with
+//! every listening connection.
+//!
+//! The race, and why it loses no job: a transaction whose job INSERT (its trigger) ran before
+//! the registration committed sends no NOTIFY. If it commits before the listener's first look,
+//! that look finds the job; if it commits after, nothing wakes this relay for it, and the job
+//! waits for the workers' next poll (`poll_interval`). The same for a REPEATABLE READ or
+//! SERIALIZABLE transaction whose snapshot predates the registration, however late its INSERT:
+//! the trigger reads the table in the transaction's snapshot. Late, never lost.
+//!
+//! Rights: the listener's role needs `INSERT` and `DELETE` (and `SELECT`, which the migration
+//! grants to `PUBLIC`: every enqueuing role's trigger reads the table) on
+//! `dts_outbox_listeners`. A registration that fails (no such table: the migration is not
+//! applied; no right) is a listener failure like a failed `LISTEN`: reported, retried with
+//! backoff, the relay polling meanwhile.
+//!
+//! A failure to connect, to `LISTEN` or to register, or a lost connection, is logged once as a
+//! warning; the retries back off exponentially (from [`FIRST_RETRY`] up to [`MAX_RETRY`]) and
+//! are logged at debug level only, and the recovery is one info line ("listener reconnected").
+//! Meanwhile the relay's workers keep polling every `poll_interval`.
 
 use std::fmt;
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
-use diesel::{Connection, PgConnection};
+use diesel::sql_types::Text;
+use diesel::{Connection, PgConnection, RunQueryDsl};
 
 use super::{bell_generation, wait_for_bell, wake};
 
@@ -39,6 +69,7 @@ pub(super) const MAX_RETRY: Duration = Duration::from_secs(30);
 enum Failure {
     Connect(diesel::ConnectionError),
     Listen(diesel::result::Error),
+    Register(diesel::result::Error),
 }
 
 impl fmt::Display for Failure {
@@ -46,15 +77,59 @@ impl fmt::Display for Failure {
         match self {
             Failure::Connect(e) => write!(f, "cannot connect: {}", e.to_string().trim_end()),
             Failure::Listen(e) => write!(f, "LISTEN dts_outbox failed: {e}"),
+            Failure::Register(e) => write!(
+                f,
+                "cannot register in dts_outbox_listeners: {e} (run the pending outbox \
+                 migrations; the listener's role needs INSERT and DELETE on that table)"
+            ),
         }
     }
 }
 
-fn connect(url: &str) -> Result<PgConnection, Failure> {
+/// Deletes the registrations of backends that no longer exist: no backend with that pid, or
+/// one with another `backend_start` (the pid was reused). A backend whose `backend_start` this
+/// role cannot see (another role's, without `pg_read_all_stats`) keeps its row.
+const REMOVE_STALE: &str = "DELETE FROM dts_outbox_listeners l WHERE NOT EXISTS \
+     (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.pid \
+     AND (a.backend_start IS NULL OR a.backend_start = l.backend_start))";
+
+/// Registers this connection's backend; `$1` is the relay's name. A plain INSERT (no upsert,
+/// which would need `UPDATE` too): [`REMOVE_STALE`] has just removed any row naming this pid
+/// with another backend's start.
+const REGISTER: &str = "INSERT INTO dts_outbox_listeners (pid, backend_start, relay) \
+     VALUES (pg_backend_pid(), \
+     (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()), $1)";
+
+/// Removes this connection's registration.
+const UNREGISTER: &str = "DELETE FROM dts_outbox_listeners WHERE pid = pg_backend_pid()";
+
+/// Connects, listens, then registers (in that order: once registered, every enqueuing
+/// transaction that commits notifies, and this connection already hears it).
+fn connect(url: &str, relay: &str) -> Result<PgConnection, Failure> {
     let mut conn = PgConnection::establish(url).map_err(Failure::Connect)?;
     conn.batch_execute("LISTEN dts_outbox")
         .map_err(Failure::Listen)?;
+    register(&mut conn, relay).map_err(Failure::Register)?;
     Ok(conn)
+}
+
+/// Removes stale registrations, then registers `conn`'s backend for relay `relay`.
+fn register(conn: &mut PgConnection, relay: &str) -> diesel::QueryResult<()> {
+    diesel::sql_query(REMOVE_STALE).execute(conn)?;
+    diesel::sql_query(REGISTER)
+        .bind::<Text, _>(relay)
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Removes `conn`'s registration (the relay stops); a failure is logged at debug level: the
+/// row then names a backend that is about to end, and the next registration removes it.
+fn unregister(conn: &mut PgConnection, relay: &str) {
+    if let Err(e) = diesel::sql_query(UNREGISTER).execute(conn) {
+        log::debug!(target: "diesel_transaction_signals",
+            "outbox relay {relay}: listener could not remove its registration ({e}); the next \
+             listener to register removes it");
+    }
 }
 
 /// Waits `d`, or less if `stopping()` turns true (the relay rings the bell when it stops).
@@ -82,7 +157,7 @@ pub(super) fn run(url: &str, relay: &str, stopping: impl Fn() -> bool) {
     let mut failures: u32 = 0;
     let mut lost = false;
     while !stopping() {
-        let mut conn = match connect(url) {
+        let mut conn = match connect(url, relay) {
             Ok(conn) => conn,
             Err(e) => {
                 failures += 1;
@@ -106,16 +181,19 @@ pub(super) fn run(url: &str, relay: &str, stopping: impl Fn() -> bool) {
                 "outbox relay {relay}: listener reconnected after {failures} failed attempt(s)");
         } else {
             log::debug!(target: "diesel_transaction_signals",
-                "outbox relay {relay}: listener ready (LISTEN dts_outbox)");
+                "outbox relay {relay}: listener ready (LISTEN dts_outbox, registered)");
         }
         failures = 0;
         retry = FIRST_RETRY;
-        // Anything committed before LISTEN took effect is found by the claim this rings in.
+        // Anything committed before the registration (which sent no NOTIFY) is found by the
+        // claim this rings in; a transaction that commits after that claim with a trigger that
+        // ran before the registration is found by the workers' poll (see the module docs).
         wake();
         let mut tick = TICK_MIN;
         let mut last_notified = Instant::now();
         loop {
             if stopping() {
+                unregister(&mut conn, relay);
                 return;
             }
             let mut notified = false;
