@@ -176,7 +176,8 @@ pub mod sql {
     /// The third migration, on PostgreSQL only: `dts_outbox_listeners`, the relays listening
     /// for `NOTIFY dts_outbox` (an `UNLOGGED` table their `listen()` connection registers in),
     /// and the trigger function replaced so that it notifies only while one is registered: a
-    /// transaction that enqueues while no relay listens sends no notification.
+    /// transaction that enqueues while no relay listens sends no notification. It also reads
+    /// the columns' default clock as `float8` (`date_part`), as the crate's statements do.
     /// Apply it after [`POSTGRES_PAUSED_UP`], before relays of this version listen (their
     /// listener retries until it can register). Relays of earlier versions that listen do not
     /// register: while no relay of this version listens, they are woken by their poll only.

@@ -414,7 +414,7 @@ fn outbox_a_listener_that_may_not_register_is_reported_once_and_the_relay_polls(
 
 /// A database at the previous schema (the first two outbox migrations): its trigger notifies
 /// at every enqueuing COMMIT. The pending migration makes it notify only while a listener is
-/// registered, and reverts cleanly.
+/// registered, reads the clock as float8 in the column defaults, and reverts cleanly.
 #[test]
 fn outbox_a_database_at_the_previous_schema_upgrades_and_reverts() {
     let db = Db::empty("upgrade");
@@ -442,6 +442,30 @@ fn outbox_a_database_at_the_previous_schema_upgrades_and_reverts() {
         applied.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
         ["20261202000300"]
     );
+    let default_of = |conn: &mut PgConnection, table: &str, column: &str| -> String {
+        #[derive(QueryableByName)]
+        struct Default {
+            #[diesel(sql_type = Text)]
+            d: String,
+        }
+        diesel::sql_query(
+            "SELECT column_default AS d FROM information_schema.columns \
+             WHERE table_name = $1 AND column_name = $2",
+        )
+        .bind::<Text, _>(table)
+        .bind::<Text, _>(column)
+        .get_result::<Default>(conn)
+        .unwrap()
+        .d
+    };
+    for (table, column) in [
+        ("dts_outbox", "run_at"),
+        ("dts_outbox", "created_at"),
+        ("dts_outbox_paused", "paused_at"),
+    ] {
+        let d = default_of(&mut migrator, table, column);
+        assert!(d.contains("date_part"), "{table}.{column}: {d}");
+    }
     enqueue_three(&mut conn, queue);
     assert_eq!(watch.notifications(), 0, "upgraded: no listener, no NOTIFY");
 
@@ -462,6 +486,8 @@ fn outbox_a_database_at_the_previous_schema_upgrades_and_reverts() {
     migrator
         .revert_last_migration(outbox::migrations::POSTGRES)
         .unwrap();
+    let d = default_of(&mut migrator, "dts_outbox", "created_at");
+    assert!(d.contains("EXTRACT"), "reverted: {d}");
     enqueue_three(&mut conn, queue);
     assert_eq!(
         watch.notifications(),
