@@ -15,6 +15,7 @@
 //! - A listener that cannot register in `dts_outbox_listeners` (the migration that adds it not
 //!   applied yet) logs one warning and retries; a job committed meanwhile is delivered at once
 //!   when it registers, by the look its registration rings in (poll interval 60 s).
+//!   (Registering enables the NOTIFY trigger; the last listener to stop disables it.)
 //!
 //! Waiting is polling (of the server, of the captured log, of a channel) against a deadline.
 
@@ -312,7 +313,7 @@ fn a_job_committed_before_the_listener_could_register_is_found_when_it_registers
     let warnings = lines(&name, log::Level::Warn, "listener");
     assert_eq!(warnings.len(), 1, "{warnings:#?}");
     assert!(
-        warnings[0].contains("dts_outbox_listeners\" does not exist"),
+        warnings[0].contains("dts_outbox_listener_register(text) does not exist"),
         "{}",
         warnings[0]
     );

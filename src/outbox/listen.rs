@@ -10,34 +10,45 @@
 //! doubling at each empty look up to [`TICK`] (an idle listener wakes 20 times a second). A
 //! closed connection shows up there as an error.
 //!
-//! # Registration: NOTIFY only when some relay listens
+//! # Registration: NOTIFY only while some relay listens
 //!
-//! The outbox's statement trigger sends `NOTIFY dts_outbox` only while `dts_outbox_listeners`
-//! has a row (migration `2026-12-02-000300_dts_outbox_listeners`): a transaction that enqueues
-//! while no relay listens pays no notification. So after `LISTEN`, the listener inserts its
-//! backend (`pg_backend_pid()` and that backend's `backend_start`, which tell a reused pid
-//! apart), first deleting the rows of backends that no longer exist (`pg_stat_activity`; a row
-//! whose backend belongs to a role whose `backend_start` this role cannot read is kept: a stale
-//! row costs a NOTIFY, a deleted live one would cost a relay its wake-ups). Then it rings the
-//! bell, so the relay looks for due jobs at once: a job that committed before the registration
-//! sent no NOTIFY, and that look finds it. When the relay stops cleanly the listener deletes
-//! its row; a reconnect registers again. A listener that dies without stopping (process
-//! killed, connection lost) leaves a row until the next registration removes it; until then
-//! enqueues notify as before. The table is `UNLOGGED`: a server crash empties it along with
-//! every listening connection.
+//! The outbox's statement trigger `dts_outbox_notify` sends `NOTIFY dts_outbox` at every
+//! enqueuing COMMIT; since migration `2026-12-02-000300_dts_outbox_listeners` it is enabled
+//! only while a listener is registered in `dts_outbox_listeners`, so a transaction that
+//! enqueues while no relay listens pays no notification. (The trigger is enabled and disabled,
+//! rather than asked to look: a condition in the trigger function, `IF EXISTS (SELECT 1 FROM
+//! dts_outbox_listeners)`, measured slower than the NOTIFY it saves, and a disabled trigger
+//! costs nothing measurable.)
 //!
-//! The race, and why it loses no job: a transaction whose job INSERT (its trigger) ran before
-//! the registration committed sends no NOTIFY. If it commits before the listener's first look,
-//! that look finds the job; if it commits after, nothing wakes this relay for it, and the job
-//! waits for the workers' next poll (`poll_interval`). The same for a REPEATABLE READ or
-//! SERIALIZABLE transaction whose snapshot predates the registration, however late its INSERT:
-//! the trigger reads the table in the transaction's snapshot. Late, never lost.
+//! So after `LISTEN`, the listener calls `dts_outbox_listener_register(relay)`: under a lock
+//! that serialises registrations, it deletes the rows of backends that no longer exist
+//! (`pg_stat_activity`: no backend with that pid, or one started at another time; a row whose
+//! backend's start this role may not read is kept: a stale row costs a NOTIFY, a deleted live
+//! one would cost a relay its wake-ups), inserts its own (pid and `backend_start`), and
+//! enables the trigger if it was disabled. Enabling it is an `ALTER TABLE`, which waits for
+//! every transaction that has written to `dts_outbox` to end: a job inserted before the
+//! registration committed is committed (or rolled back) by then, and a job inserted after it
+//! notifies, whatever its transaction's isolation level or snapshot. Then the listener rings
+//! the bell, so the relay looks for due jobs at once and finds the former. No job is left to
+//! the poll by the registration. The price: while it waits, new writes to `dts_outbox` wait
+//! behind it, at most `lock_timeout` (100 ms, set on the function); past that the
+//! registration fails, and is retried like any listener failure (a long transaction that
+//! enqueued and stays open delays the registration, not the jobs: the relay polls).
 //!
-//! Rights: the listener's role needs `INSERT` and `DELETE` (and `SELECT`, which the migration
-//! grants to `PUBLIC`: every enqueuing role's trigger reads the table) on
-//! `dts_outbox_listeners`. A registration that fails (no such table: the migration is not
-//! applied; no right) is a listener failure like a failed `LISTEN`: reported, retried with
-//! backoff, the relay polling meanwhile.
+//! When the relay stops cleanly the listener calls `dts_outbox_listener_unregister()`, which
+//! deletes its row (and stale ones) and disables the trigger once no row is left; a reconnect
+//! registers again. A listener that dies without stopping (process killed, connection lost)
+//! leaves its row until the next registration or unregistration removes it; until then the
+//! trigger stays enabled and enqueues notify as before (`SELECT
+//! dts_outbox_listener_unregister()` from any session cleans up). The table is `UNLOGGED`: a
+//! server crash empties it along with every listening connection.
+//!
+//! Rights: the listener's role needs `SELECT`, `INSERT` and `DELETE` on
+//! `dts_outbox_listeners`; `dts_outbox_listeners_sync()`, which enables or disables the
+//! trigger, runs with its owner's rights (the migration's role). Enqueuing roles need nothing
+//! new. A registration that fails (the migration not applied, a missing right, the lock
+//! timeout) is a listener failure like a failed `LISTEN`: reported, retried with backoff, the
+//! relay polling meanwhile.
 //!
 //! A failure to connect, to `LISTEN` or to register, or a lost connection, is logged once as a
 //! warning; the retries back off exponentially (from [`FIRST_RETRY`] up to [`MAX_RETRY`]) and
@@ -80,28 +91,20 @@ impl fmt::Display for Failure {
             Failure::Register(e) => write!(
                 f,
                 "cannot register in dts_outbox_listeners: {e} (run the pending outbox \
-                 migrations; the listener's role needs INSERT and DELETE on that table)"
+                 migrations; the listener's role needs SELECT, INSERT and DELETE on that table)"
             ),
         }
     }
 }
 
-/// Deletes the registrations of backends that no longer exist: no backend with that pid, or
-/// one with another `backend_start` (the pid was reused). A backend whose `backend_start` this
-/// role cannot see (another role's, without `pg_read_all_stats`) keeps its row.
-const REMOVE_STALE: &str = "DELETE FROM dts_outbox_listeners l WHERE NOT EXISTS \
-     (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.pid \
-     AND (a.backend_start IS NULL OR a.backend_start = l.backend_start))";
+/// Registers this connection (`$1`: the relay's name): the migration's function removes the
+/// rows of backends that are gone, inserts this backend's, and enables the NOTIFY trigger if it
+/// was disabled (waiting for the transactions that wrote to `dts_outbox` to end, at most 100 ms).
+const REGISTER: &str = "SELECT dts_outbox_listener_register($1)";
 
-/// Registers this connection's backend; `$1` is the relay's name. A plain INSERT (no upsert,
-/// which would need `UPDATE` too): [`REMOVE_STALE`] has just removed any row naming this pid
-/// with another backend's start.
-const REGISTER: &str = "INSERT INTO dts_outbox_listeners (pid, backend_start, relay) \
-     VALUES (pg_backend_pid(), \
-     (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()), $1)";
-
-/// Removes this connection's registration.
-const UNREGISTER: &str = "DELETE FROM dts_outbox_listeners WHERE pid = pg_backend_pid()";
+/// Removes this connection's registration (and stale ones); the trigger is disabled once none
+/// is left.
+const UNREGISTER: &str = "SELECT dts_outbox_listener_unregister()";
 
 /// Connects, listens, then registers (in that order: once registered, every enqueuing
 /// transaction that commits notifies, and this connection already hears it).
@@ -113,9 +116,8 @@ fn connect(url: &str, relay: &str) -> Result<PgConnection, Failure> {
     Ok(conn)
 }
 
-/// Removes stale registrations, then registers `conn`'s backend for relay `relay`.
+/// Registers `conn`'s backend for relay `relay` (one statement, one transaction).
 fn register(conn: &mut PgConnection, relay: &str) -> diesel::QueryResult<()> {
-    diesel::sql_query(REMOVE_STALE).execute(conn)?;
     diesel::sql_query(REGISTER)
         .bind::<Text, _>(relay)
         .execute(conn)?;
@@ -123,7 +125,8 @@ fn register(conn: &mut PgConnection, relay: &str) -> diesel::QueryResult<()> {
 }
 
 /// Removes `conn`'s registration (the relay stops); a failure is logged at debug level: the
-/// row then names a backend that is about to end, and the next registration removes it.
+/// row then names a backend that is about to end, and the next registration (or unregistration)
+/// removes it.
 fn unregister(conn: &mut PgConnection, relay: &str) {
     if let Err(e) = diesel::sql_query(UNREGISTER).execute(conn) {
         log::debug!(target: "diesel_transaction_signals",
@@ -185,9 +188,9 @@ pub(super) fn run(url: &str, relay: &str, stopping: impl Fn() -> bool) {
         }
         failures = 0;
         retry = FIRST_RETRY;
-        // Anything committed before the registration (which sent no NOTIFY) is found by the
-        // claim this rings in; a transaction that commits after that claim with a trigger that
-        // ran before the registration is found by the workers' poll (see the module docs).
+        // The registration waited for every transaction that had written to dts_outbox: their
+        // jobs (which sent no NOTIFY) are committed, and the claim this rings in finds them;
+        // later inserts notify (see the module docs).
         wake();
         let mut tick = TICK_MIN;
         let mut last_notified = Instant::now();

@@ -82,14 +82,15 @@ macro_rules! relay_option_setters {
         /// TLS options).
         ///
         /// After `LISTEN` the listener registers its connection in `dts_outbox_listeners`
-        /// (PostgreSQL migration `2026-12-02-000300_dts_outbox_listeners`), then wakes the
-        /// workers to look for due jobs at once; it removes its registration when the relay
-        /// stops cleanly. The outbox's trigger sends `NOTIFY dts_outbox` only while some
-        /// listener is registered, so with no relay listening, enqueuing costs no notification,
-        /// and a relay running only in the processes that enqueue (woken in-process) needs no
-        /// `listen`. A transaction whose job INSERT ran before the registration committed sends
-        /// no NOTIFY: if it commits after the workers' first look, that job waits for their
-        /// next poll (late, never lost). The listener's role needs `INSERT` and `DELETE` on
+        /// (PostgreSQL migration `2026-12-02-000300_dts_outbox_listeners`), which enables the
+        /// outbox's NOTIFY trigger, then wakes the workers to look for due jobs at once; when
+        /// the relay stops cleanly it removes its registration, and the last one to go disables
+        /// the trigger. So with no relay listening, enqueuing costs no notification, and a relay
+        /// running only in the processes that enqueue (woken in-process) needs no `listen`.
+        /// Enabling the trigger waits for the transactions that have written to `dts_outbox`
+        /// (at most 100 ms, then the registration is retried), so no job is left to the poll
+        /// by the registration: those committed before it are found by the first look, and
+        /// later ones notify. The listener's role needs `SELECT`, `INSERT` and `DELETE` on
         /// `dts_outbox_listeners`.
         ///
         /// The listener looks for notifications every millisecond while they keep coming,

@@ -1,5 +1,6 @@
 //! PostgreSQL: the outbox's trigger sends `NOTIFY dts_outbox` only while a relay's listener is
-//! registered in `dts_outbox_listeners` (migration `2026-12-02-000300_dts_outbox_listeners`).
+//! registered in `dts_outbox_listeners` (migration `2026-12-02-000300_dts_outbox_listeners`:
+//! the registration enables the trigger, the last unregistration disables it).
 //!
 //! Whether a transaction notified is observed without timing: a plain `PgConnection` that
 //! `LISTEN`s on `dts_outbox` and on a sentinel channel, without registering; after the
@@ -84,6 +85,22 @@ impl Db {
             .into_iter()
             .map(|l| (l.pid, l.relay))
             .collect()
+    }
+
+    /// Whether the NOTIFY trigger is enabled.
+    fn notify_enabled(&self) -> bool {
+        #[derive(QueryableByName)]
+        struct Enabled {
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            e: bool,
+        }
+        diesel::sql_query(
+            "SELECT tgenabled <> 'D' AS e FROM pg_trigger \
+             WHERE tgrelid = 'dts_outbox'::regclass AND tgname = 'dts_outbox_notify'",
+        )
+        .get_result::<Enabled>(&mut self.plain())
+        .unwrap()
+        .e
     }
 
     /// Waits until relay `relay` has a registration; returns its pid.
@@ -210,6 +227,10 @@ fn outbox_notifies_only_while_a_relay_listener_is_registered() {
     let mut watch = Watch::new(&db);
     let mut conn = db.conn();
 
+    assert!(
+        !db.notify_enabled(),
+        "nobody listens: the trigger is disabled"
+    );
     enqueue_three(&mut conn, queue);
     assert_eq!(
         watch.notifications(),
@@ -229,6 +250,7 @@ fn outbox_notifies_only_while_a_relay_listener_is_registered() {
         db.listeners(),
         BTreeSet::from([(pid, "lsn-notify".to_owned())])
     );
+    assert!(db.notify_enabled());
     // The relay's first look (rung after the registration) delivers the three jobs.
     let mut got: Vec<i32> = (0..3).map(|_| rx.recv_timeout(PATIENCE).unwrap()).collect();
     got.sort_unstable();
@@ -248,6 +270,10 @@ fn outbox_notifies_only_while_a_relay_listener_is_registered() {
     assert!(
         db.listeners().is_empty(),
         "a clean stop removes the registration"
+    );
+    assert!(
+        !db.notify_enabled(),
+        "and the last one disables the trigger"
     );
     enqueue_three(&mut conn, queue);
     assert_eq!(
@@ -329,10 +355,11 @@ fn outbox_a_registering_listener_removes_the_registrations_of_backends_that_are_
 }
 
 /// The listener's role may not write `dts_outbox_listeners`: the failure is logged once, the
-/// listener retries with backoff while the relay polls, and registers once it may, removing
+/// listener retries with backoff while the relay polls, and registers once it may (enabling
+/// the trigger, which needs the table's owner: the migration's function does it), removing
 /// stale rows but not another role's live one (whose `backend_start` it cannot read). An
-/// enqueuing role with no right on that table enqueues (the migration grants `SELECT` to
-/// `PUBLIC`, which the trigger needs).
+/// enqueuing role with no right on that table enqueues, and notifies while the trigger is
+/// enabled.
 #[test]
 fn outbox_a_listener_that_may_not_register_is_reported_once_and_the_relay_polls() {
     let _ = common::logger();
@@ -390,7 +417,7 @@ fn outbox_a_listener_that_may_not_register_is_reported_once_and_the_relay_polls(
     .execute(&mut sql)
     .unwrap();
     sql.batch_execute(&format!(
-        "GRANT INSERT, DELETE ON dts_outbox_listeners TO {role}"
+        "GRANT SELECT, INSERT, DELETE ON dts_outbox_listeners TO {role}"
     ))
     .unwrap();
     common::wait_until(PATIENCE, "the listener to register", || {
@@ -401,13 +428,24 @@ fn outbox_a_listener_that_may_not_register_is_reported_once_and_the_relay_polls(
         db.listeners(),
         BTreeSet::from([(sql_pid, "other-role".to_owned()), (pid, name.to_owned())])
     );
-    assert_eq!(relay.shutdown().delivered, 1);
+    assert!(db.notify_enabled());
+    let mut watch = Watch::new(&db);
+    enqueuer
+        .transaction(|c| c.defer_durable(queue, &6).map(drop))
+        .unwrap();
+    assert_eq!(watch.notifications(), 1, "the role's enqueue notifies");
+    assert_eq!(rx.recv_timeout(PATIENCE), Ok(6));
+    assert_eq!(relay.shutdown().delivered, 2);
     assert_eq!(
         db.listeners(),
         BTreeSet::from([(sql_pid, "other-role".to_owned())])
     );
+    assert!(
+        db.notify_enabled(),
+        "another registration is left: the trigger stays enabled"
+    );
     assert_eq!(lines(log::Level::Warn, "listener").len(), 1, "one warning");
-    drop((enqueuer, sql));
+    drop((enqueuer, sql, watch));
     drop(db);
     let _ = common::pg_plain().batch_execute(&format!("DROP ROLE IF EXISTS {role}"));
 }
@@ -466,6 +504,7 @@ fn outbox_a_database_at_the_previous_schema_upgrades_and_reverts() {
         let d = default_of(&mut migrator, table, column);
         assert!(d.contains("date_part"), "{table}.{column}: {d}");
     }
+    assert!(!db.notify_enabled());
     enqueue_three(&mut conn, queue);
     assert_eq!(watch.notifications(), 0, "upgraded: no listener, no NOTIFY");
 
@@ -488,6 +527,7 @@ fn outbox_a_database_at_the_previous_schema_upgrades_and_reverts() {
         .unwrap();
     let d = default_of(&mut migrator, "dts_outbox", "created_at");
     assert!(d.contains("EXTRACT"), "reverted: {d}");
+    assert!(db.notify_enabled());
     enqueue_three(&mut conn, queue);
     assert_eq!(
         watch.notifications(),
@@ -498,4 +538,82 @@ fn outbox_a_database_at_the_previous_schema_upgrades_and_reverts() {
         .run_pending_migrations(outbox::migrations::POSTGRES)
         .unwrap();
     assert_eq!(applied.len(), 1, "and upgrades again");
+}
+
+/// A registration enables the trigger with `ALTER TABLE`, which waits for every transaction
+/// that has written to `dts_outbox`: a REPEATABLE READ transaction whose snapshot predates the
+/// registration, and whose INSERT comes after it, notifies (the trigger's state is not read
+/// in the transaction's snapshot).
+#[test]
+fn outbox_a_transaction_whose_snapshot_predates_the_registration_notifies() {
+    let db = Db::migrated("snapshot");
+    let queue = "lsn_snapshot";
+    let mut watch = Watch::new(&db);
+    let mut early = db.plain();
+    early
+        .batch_execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM dts_outbox_paused",
+        )
+        .unwrap();
+    let relay = Relay::builder(db.pool())
+        .name("lsn-snapshot")
+        .handler(queue, |_| Ok(()))
+        .poll_interval(Duration::from_secs(3600))
+        .listen(db.url.as_str())
+        .spawn()
+        .unwrap();
+    db.wait_registered("lsn-snapshot");
+    diesel::sql_query("INSERT INTO dts_outbox (queue, payload) VALUES ('lsn_snapshot', '1')")
+        .execute(&mut early)
+        .unwrap();
+    early.batch_execute("COMMIT").unwrap();
+    assert_eq!(
+        watch.notifications(),
+        1,
+        "the snapshot predates the registration, the INSERT does not: it notifies"
+    );
+    relay.shutdown();
+}
+
+/// An enqueuing transaction left open holds the registration (whose `ALTER TABLE` waits for
+/// it) past the function's `lock_timeout` (100 ms): one warning, the relay polls, and once
+/// the transaction commits the listener registers, and its job is delivered.
+#[test]
+fn outbox_a_registration_held_up_by_an_open_enqueue_times_out_and_retries() {
+    let _ = common::logger();
+    let db = Db::migrated("locked");
+    let queue = "lsn_locked";
+    let name = "lsn-locked";
+    let mut open = db.plain();
+    open.batch_execute("BEGIN; INSERT INTO dts_outbox (queue, payload) VALUES ('lsn_locked', '7')")
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let relay = Relay::builder(db.pool())
+        .name(name)
+        .handler(queue, move |job| Ok(tx.send(job.payload::<i32>()?)?))
+        .poll_interval(Duration::from_secs(3600))
+        .listen(db.url.as_str())
+        .spawn()
+        .unwrap();
+    let me = format!("outbox relay {name}:");
+    let lines = |level, needle: &str| common::logger().matching(level, &[&me, needle]);
+    common::wait_until(PATIENCE, "a registration that timed out", || {
+        !lines(log::Level::Warn, "listener").is_empty()
+    });
+    let warnings = lines(log::Level::Warn, "listener");
+    assert!(
+        warnings[0].contains("cannot register") && warnings[0].contains("lock timeout"),
+        "{}",
+        warnings[0]
+    );
+    assert!(db.listeners().is_empty() && !db.notify_enabled());
+    open.batch_execute("COMMIT").unwrap();
+    common::wait_until(PATIENCE, "the registration", || {
+        !lines(log::Level::Info, "listener reconnected").is_empty()
+    });
+    db.wait_registered(name);
+    assert!(db.notify_enabled());
+    assert_eq!(rx.recv_timeout(PATIENCE), Ok(7));
+    relay.shutdown();
+    assert_eq!(lines(log::Level::Warn, "listener").len(), 1);
 }

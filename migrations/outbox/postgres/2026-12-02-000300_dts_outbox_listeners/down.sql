@@ -3,10 +3,9 @@ ALTER TABLE dts_outbox_paused
 ALTER TABLE dts_outbox
     ALTER COLUMN run_at SET DEFAULT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT,
     ALTER COLUMN created_at SET DEFAULT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT;
-CREATE OR REPLACE FUNCTION dts_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('dts_outbox', '');
-    RETURN NULL;
-END;
-$$;
+-- The trigger notifies at every enqueuing COMMIT again.
+ALTER TABLE dts_outbox ENABLE TRIGGER dts_outbox_notify;
+DROP FUNCTION dts_outbox_listener_unregister();
+DROP FUNCTION dts_outbox_listener_register(TEXT);
+DROP FUNCTION dts_outbox_listeners_sync();
 DROP TABLE dts_outbox_listeners;
