@@ -21,8 +21,9 @@
 //!              tx1               BEGIN, conn.defer_durable, COMMIT (no user row)
 //!              M-listened        mode M while a relay listens: a connection of this process
 //!                                runs LISTEN dts_outbox and is registered in
-//!                                dts_outbox_listeners, so every enqueuing COMMIT sends the
-//!                                NOTIFY (without one registered, none is sent)
+//!                                dts_outbox_listeners (the NOTIFY trigger enabled), so every
+//!                                enqueuing COMMIT sends the NOTIFY (without one registered,
+//!                                the trigger is disabled and none is sent)
 //!            the physical limit, plain Diesel (a PgConnection, no wrapper, no outbox): a row
 //!            of dts_outbox's shape into bench_plain, the same statements otherwise:
 //!              plain-autocommit  one INSERT outside a transaction
@@ -38,7 +39,10 @@
 //!          M-listened or plain-notify- mode, a connection LISTENs throughout (registered only
 //!          during M-listened blocks) and after each block counts the block's notifications
 //!          (up to a NOTIFY on a sentinel channel sent after it): none for the other modes, or
-//!          the run fails
+//!          the run fails. With the server on this machine, each line also has the CPU time
+//!          per job of this thread, of the server process it wrote through and of the
+//!          listener's (`cpu_us_per_job`, from /proc/.../schedstat around the timed blocks):
+//!          steadier than jobs/s on a busy machine
 //! drain    --url U [--procs 1] [--count 20000] [--concurrency 2] [--batch-size 500]
 //!          queue COUNT no-op jobs, then time PROCS `worker --once` processes draining them;
 //!          `worker --once` on an empty queue is timed 3x first and its median subtracted
@@ -312,7 +316,7 @@ mod bench {
         conn.batch_execute(BENCH_TABLES)?;
         conn.batch_execute(
             "TRUNCATE dts_outbox, bench_users, bench_plain, bench_plain_notify, \
-             dts_outbox_listeners",
+             dts_outbox_listeners; SELECT dts_outbox_listeners_sync()",
         )?;
         conn.batch_execute(
             "VACUUM ANALYZE dts_outbox, bench_users, bench_plain, bench_plain_notify",
@@ -394,6 +398,44 @@ mod bench {
     struct Sides {
         ours: Conn,
         plain: PgConnection,
+        /// The server processes of `ours` and `plain`, when the server runs on this machine.
+        backends: Option<(i32, i32)>,
+    }
+
+    #[derive(QueryableByName)]
+    struct BackendPid {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
+
+    fn backend_pid<C>(conn: &mut C) -> QueryResult<i32>
+    where
+        C: Connection<Backend = diesel::pg::Pg> + diesel::connection::LoadConnection,
+    {
+        diesel::sql_query("SELECT pg_backend_pid() AS pid")
+            .get_result::<BackendPid>(conn)
+            .map(|b| b.pid)
+    }
+
+    /// CPU time a process or thread has run, in ns (`/proc/.../schedstat`, user and system);
+    /// `None` where there is none to read.
+    fn cpu_ns(path: &str) -> Option<u64> {
+        std::fs::read_to_string(path)
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// `pid`'s CPU time, if `pid` is a `postgres` process of this machine (a server elsewhere
+    /// has no such process here: then nothing is measured).
+    fn postgres_cpu_ns(pid: i32) -> Option<u64> {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        if comm.trim() != "postgres" {
+            return None;
+        }
+        cpu_ns(&format!("/proc/{pid}/schedstat"))
     }
 
     impl Sides {
@@ -402,7 +444,29 @@ mod bench {
             ours.batch_execute("SELECT 1")?;
             let mut plain = PgConnection::establish(url)?;
             plain.batch_execute("SELECT 1")?;
-            Ok(Sides { ours, plain })
+            let pids = (backend_pid(&mut ours)?, backend_pid(&mut plain)?);
+            let local = postgres_cpu_ns(pids.0).is_some() && postgres_cpu_ns(pids.1).is_some();
+            Ok(Sides {
+                ours,
+                plain,
+                backends: local.then_some(pids),
+            })
+        }
+
+        /// The CPU time so far of this thread, of the server process `mode` writes through,
+        /// and of `listener`'s (ns); `None` unless the server runs on this machine.
+        fn cpu(&self, mode: &str, listener: Option<i32>) -> Option<[u64; 3]> {
+            let (ours, plain) = self.backends?;
+            let server = if mode.starts_with("plain-") {
+                plain
+            } else {
+                ours
+            };
+            Some([
+                cpu_ns("/proc/thread-self/schedstat")?,
+                postgres_cpu_ns(server)?,
+                listener.and_then(postgres_cpu_ns).unwrap_or(0),
+            ])
         }
 
         /// Runs `mode` for the jobs `from..to`: one transaction (or statement) per job, or per
@@ -543,28 +607,29 @@ mod bench {
     /// `dts_outbox_listeners` as a relay's listener is, during the `-listened` blocks only.
     struct Listener {
         conn: PgConnection,
+        pid: i32,
     }
 
     impl Listener {
         fn open(url: &str) -> Res<Self> {
             let mut conn = PgConnection::establish(url)?;
             conn.batch_execute("LISTEN dts_outbox; LISTEN bench_sentinel")?;
-            Ok(Listener { conn })
+            let pid = backend_pid(&mut conn)?;
+            Ok(Listener { conn, pid })
         }
 
-        /// The row a relay's `listen()` connection inserts (src/outbox/listen.rs).
+        /// Registers as a relay's `listen()` connection does (src/outbox/listen.rs): the
+        /// outbox's NOTIFY trigger is enabled from then on.
         fn register(&mut self) -> Res<()> {
-            self.conn.batch_execute(
-                "INSERT INTO dts_outbox_listeners (pid, backend_start, relay) \
-                 SELECT pid, backend_start, 'outbox_bench' FROM pg_stat_activity \
-                 WHERE pid = pg_backend_pid()",
-            )?;
+            self.conn
+                .batch_execute("SELECT dts_outbox_listener_register('outbox_bench')")?;
             Ok(())
         }
 
+        /// The trigger is disabled again (no other listener is registered).
         fn unregister(&mut self) -> Res<()> {
             self.conn
-                .batch_execute("DELETE FROM dts_outbox_listeners WHERE pid = pg_backend_pid()")?;
+                .batch_execute("SELECT dts_outbox_listener_unregister()")?;
             Ok(())
         }
 
@@ -666,6 +731,9 @@ mod bench {
             .then(|| Listener::open(&url))
             .transpose()?;
         let mut notes = vec![0u64; modes.len()];
+        // CPU time per mode (ns): this thread, the server process it writes through, the
+        // listener's server process (the NOTIFY's delivery); measured around the timed part.
+        let mut cpu_used: Vec<Option<[u64; 3]>> = vec![Some([0; 3]); modes.len()];
         let mut ms = vec![0.0; modes.len()];
         let mut blocks: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
         let c0 = cpu_snap();
@@ -679,9 +747,18 @@ mod bench {
                 if let (Some(l), true) = (listener.as_mut(), listened) {
                     l.register()?;
                 }
+                let lpid = listener.as_ref().map(|l| l.pid);
+                let before = sides.cpu(&modes[m], lpid);
                 let t = Instant::now();
                 sides.run(base(&modes[m]), from, to, batch)?;
                 let took = t.elapsed().as_secs_f64() * 1e3;
+                let after = sides.cpu(&modes[m], lpid);
+                cpu_used[m] = match (cpu_used[m], before, after) {
+                    (Some(sum), Some(b), Some(a)) => {
+                        Some(std::array::from_fn(|i| sum[i] + a[i].saturating_sub(b[i])))
+                    }
+                    _ => None,
+                };
                 ms[m] += took;
                 blocks[m].push((to - from) as f64 * 1e3 / took);
                 if let Some(l) = listener.as_mut() {
@@ -716,14 +793,22 @@ mod bench {
                 return Err(format!("{table}: expected {want} rows, found {n}").into());
             }
         }
-        for (((m, ms), mut rates), notes) in modes.iter().zip(ms).zip(blocks).zip(notes) {
+        for ((((m, ms), mut rates), notes), used) in
+            modes.iter().zip(ms).zip(blocks).zip(notes).zip(cpu_used)
+        {
             rates.sort_by(f64::total_cmp);
             let median = rates[rates.len() / 2];
+            // CPU time per job, µs: unlike jobs/s, barely moved by what else the machine runs
+            let per_job = |ns: u64| round(ns as f64 / 1e3 / count as f64, 2);
             let line = merge(
                 enqueue_line(m, count, batch, ms),
                 json!({"interleaved": modes, "block": block,
                        "jobs_per_s_block_median": median.round() as i64,
-                       "notifications": listener.as_ref().map(|_| notes)}),
+                       "notifications": listener.as_ref().map(|_| notes),
+                       "cpu_us_per_job": used.map(|[client, server, listen]| json!({
+                           "client": per_job(client), "server": per_job(server),
+                           "listener": per_job(listen),
+                           "total": per_job(client + server + listen)}))}),
             );
             println!("{}", merge(line, cpu.clone()));
         }
