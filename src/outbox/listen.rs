@@ -41,7 +41,8 @@
 //! leaves its row until the next registration or unregistration removes it; until then the
 //! trigger stays enabled and enqueues notify as before (`SELECT
 //! dts_outbox_listener_unregister()` from any session cleans up). The table is `UNLOGGED`: a
-//! server crash empties it along with every listening connection.
+//! server crash empties it along with every listening connection (the trigger keeps its state
+//! until the next unregistration).
 //!
 //! Rights: the listener's role needs `SELECT`, `INSERT` and `DELETE` on
 //! `dts_outbox_listeners`; `dts_outbox_listeners_sync()`, which enables or disables the
