@@ -19,17 +19,30 @@
 //!                                statement each: the id is returned at each call)
 //!              batch-all         --batch jobs per transaction, written with one enqueue_all
 //!              tx1               BEGIN, conn.defer_durable, COMMIT (no user row)
+//!              M-listened        mode M while a relay listens: a connection of this process
+//!                                runs LISTEN dts_outbox and is registered in
+//!                                dts_outbox_listeners (the NOTIFY trigger enabled), so every
+//!                                enqueuing COMMIT sends the NOTIFY (without one registered,
+//!                                the trigger is disabled and none is sent)
 //!            the physical limit, plain Diesel (a PgConnection, no wrapper, no outbox): a row
 //!            of dts_outbox's shape into bench_plain, the same statements otherwise:
 //!              plain-autocommit  one INSERT outside a transaction
 //!              plain-usertx1     BEGIN, insert a bench_users row, insert a bench_plain row, COMMIT
 //!              plain-batch       BEGIN, one INSERT of --batch rows, COMMIT
 //!              plain-notify-autocommit, plain-notify-usertx1
-//!                                the same into bench_plain_notify, which has dts_outbox's
-//!                                NOTIFY trigger (the limit with the cross-process wake-up)
+//!                                the same into bench_plain_notify, which has a trigger that
+//!                                always sends dts_outbox's NOTIFY (the limit with the
+//!                                cross-process wake-up: compare with M-listened)
 //! compare  --url U --modes M1,M2,... [--count 20000] [--block 500] [--batch 1000]
 //!          the enqueue modes interleaved in one process, --block jobs of each in turn (the
-//!          order rotating), one line per mode: compares modes on a busy machine
+//!          order rotating), one line per mode: compares modes on a busy machine. With a
+//!          M-listened or plain-notify- mode, a connection LISTENs throughout (registered only
+//!          during M-listened blocks) and after each block counts the block's notifications
+//!          (up to a NOTIFY on a sentinel channel sent after it): none for the other modes, or
+//!          the run fails. With the server on this machine, each line also has the CPU time
+//!          per job of this thread, of the server process it wrote through and of the
+//!          listener's (`cpu_us_per_job`, from /proc/.../schedstat around the timed blocks):
+//!          steadier than jobs/s on a busy machine
 //! drain    --url U [--procs 1] [--count 20000] [--concurrency 2] [--batch-size 500]
 //!          queue COUNT no-op jobs, then time PROCS `worker --once` processes draining them;
 //!          `worker --once` on an empty queue is timed 3x first and its median subtracted
@@ -222,8 +235,9 @@ mod bench {
     }
 
     /// The user table of the `usertx1` modes (the same DDL as the kit's
-    /// `bench/enqueue_usertx.js`), and `bench_plain`: `dts_outbox`'s columns and indexes without
-    /// its NOTIFY trigger, for the plain-Diesel limit.
+    /// `bench/enqueue_usertx.js`), and `bench_plain`: `dts_outbox`'s columns, defaults and
+    /// indexes (after all its migrations) without its NOTIFY trigger, for the plain-Diesel
+    /// limit; `bench_plain_notify`: the same with a trigger that always notifies.
     const BENCH_TABLES: &str = "
         CREATE TABLE IF NOT EXISTS bench_users (id BIGSERIAL PRIMARY KEY, email TEXT NOT NULL,
             created_at TIMESTAMPTZ NOT NULL DEFAULT now());
@@ -235,19 +249,25 @@ mod bench {
             state SMALLINT NOT NULL DEFAULT 0,
             attempts INTEGER NOT NULL DEFAULT 0,
             max_attempts INTEGER NOT NULL DEFAULT 10,
-            run_at BIGINT NOT NULL DEFAULT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT,
+            run_at BIGINT NOT NULL DEFAULT (date_part('epoch', clock_timestamp()) * 1000)::BIGINT,
             locked_until BIGINT,
             locked_by TEXT,
             last_error TEXT,
-            created_at BIGINT NOT NULL DEFAULT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT
+            created_at BIGINT NOT NULL DEFAULT (date_part('epoch', clock_timestamp()) * 1000)::BIGINT
         );
         CREATE UNIQUE INDEX IF NOT EXISTS bench_plain_idempotency
             ON bench_plain (queue, idempotency_key);
         CREATE INDEX IF NOT EXISTS bench_plain_ready ON bench_plain (run_at, id) WHERE state = 0;
         CREATE TABLE IF NOT EXISTS bench_plain_notify (LIKE bench_plain INCLUDING ALL);
+        CREATE OR REPLACE FUNCTION bench_notify_always() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('dts_outbox', '');
+            RETURN NULL;
+        END;
+        $$;
         DROP TRIGGER IF EXISTS bench_plain_notify ON bench_plain_notify;
         CREATE TRIGGER bench_plain_notify AFTER INSERT ON bench_plain_notify
-            FOR EACH STATEMENT EXECUTE FUNCTION dts_outbox_notify();
+            FOR EACH STATEMENT EXECUTE FUNCTION bench_notify_always();
     ";
 
     diesel::table! {
@@ -257,8 +277,8 @@ mod bench {
         }
     }
 
-    // bench_plain_notify: bench_plain plus dts_outbox's NOTIFY trigger (the limit with the
-    // cross-process wake-up included).
+    // bench_plain_notify: bench_plain plus a trigger that always sends dts_outbox's NOTIFY (the
+    // limit with the cross-process wake-up included).
     diesel::table! {
         bench_plain_notify (id) {
             id -> BigInt,
@@ -294,7 +314,10 @@ mod bench {
         let mut conn = connect(url)?;
         conn.run_pending_migrations(outbox::migrations::POSTGRES)?;
         conn.batch_execute(BENCH_TABLES)?;
-        conn.batch_execute("TRUNCATE dts_outbox, bench_users, bench_plain, bench_plain_notify")?;
+        conn.batch_execute(
+            "TRUNCATE dts_outbox, bench_users, bench_plain, bench_plain_notify, \
+             dts_outbox_listeners; SELECT dts_outbox_listeners_sync()",
+        )?;
         conn.batch_execute(
             "VACUUM ANALYZE dts_outbox, bench_users, bench_plain, bench_plain_notify",
         )?;
@@ -375,6 +398,44 @@ mod bench {
     struct Sides {
         ours: Conn,
         plain: PgConnection,
+        /// The server processes of `ours` and `plain`, when the server runs on this machine.
+        backends: Option<(i32, i32)>,
+    }
+
+    #[derive(QueryableByName)]
+    struct BackendPid {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
+
+    fn backend_pid<C>(conn: &mut C) -> QueryResult<i32>
+    where
+        C: Connection<Backend = diesel::pg::Pg> + diesel::connection::LoadConnection,
+    {
+        diesel::sql_query("SELECT pg_backend_pid() AS pid")
+            .get_result::<BackendPid>(conn)
+            .map(|b| b.pid)
+    }
+
+    /// CPU time a process or thread has run, in ns (`/proc/.../schedstat`, user and system);
+    /// `None` where there is none to read.
+    fn cpu_ns(path: &str) -> Option<u64> {
+        std::fs::read_to_string(path)
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// `pid`'s CPU time, if `pid` is a `postgres` process of this machine (a server elsewhere
+    /// has no such process here: then nothing is measured).
+    fn postgres_cpu_ns(pid: i32) -> Option<u64> {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        if comm.trim() != "postgres" {
+            return None;
+        }
+        cpu_ns(&format!("/proc/{pid}/schedstat"))
     }
 
     impl Sides {
@@ -383,7 +444,29 @@ mod bench {
             ours.batch_execute("SELECT 1")?;
             let mut plain = PgConnection::establish(url)?;
             plain.batch_execute("SELECT 1")?;
-            Ok(Sides { ours, plain })
+            let pids = (backend_pid(&mut ours)?, backend_pid(&mut plain)?);
+            let local = postgres_cpu_ns(pids.0).is_some() && postgres_cpu_ns(pids.1).is_some();
+            Ok(Sides {
+                ours,
+                plain,
+                backends: local.then_some(pids),
+            })
+        }
+
+        /// The CPU time so far of this thread, of the server process `mode` writes through,
+        /// and of `listener`'s (ns); `None` unless the server runs on this machine.
+        fn cpu(&self, mode: &str, listener: Option<i32>) -> Option<[u64; 3]> {
+            let (ours, plain) = self.backends?;
+            let server = if mode.starts_with("plain-") {
+                plain
+            } else {
+                ours
+            };
+            Some([
+                cpu_ns("/proc/thread-self/schedstat")?,
+                postgres_cpu_ns(server)?,
+                listener.and_then(postgres_cpu_ns).unwrap_or(0),
+            ])
         }
 
         /// Runs `mode` for the jobs `from..to`: one transaction (or statement) per job, or per
@@ -510,6 +593,68 @@ mod bench {
         }
     }
 
+    /// Whether every COMMIT of `mode` sends `NOTIFY dts_outbox`.
+    fn notifies(mode: &str) -> bool {
+        mode.ends_with("-listened") || mode.starts_with("plain-notify-")
+    }
+
+    /// What `mode` runs: `M-listened` runs `M` (while a listener is registered).
+    fn base(mode: &str) -> &str {
+        mode.strip_suffix("-listened").unwrap_or(mode)
+    }
+
+    /// A connection that LISTENs on `dts_outbox` (and on a sentinel channel), registered in
+    /// `dts_outbox_listeners` as a relay's listener is, during the `-listened` blocks only.
+    struct Listener {
+        conn: PgConnection,
+        pid: i32,
+    }
+
+    impl Listener {
+        fn open(url: &str) -> Res<Self> {
+            let mut conn = PgConnection::establish(url)?;
+            conn.batch_execute("LISTEN dts_outbox; LISTEN bench_sentinel")?;
+            let pid = backend_pid(&mut conn)?;
+            Ok(Listener { conn, pid })
+        }
+
+        /// Registers as a relay's `listen()` connection does (src/outbox/listen.rs): the
+        /// outbox's NOTIFY trigger is enabled from then on.
+        fn register(&mut self) -> Res<()> {
+            self.conn
+                .batch_execute("SELECT dts_outbox_listener_register('outbox_bench')")?;
+            Ok(())
+        }
+
+        /// The trigger is disabled again (no other listener is registered).
+        fn unregister(&mut self) -> Res<()> {
+            self.conn
+                .batch_execute("SELECT dts_outbox_listener_unregister()")?;
+            Ok(())
+        }
+
+        /// The `dts_outbox` notifications received before a sentinel NOTIFY that `other` sends
+        /// now: notifications arrive in commit order, so these are all those of the
+        /// transactions committed before it.
+        fn count(&mut self, other: &mut PgConnection) -> Res<u64> {
+            other.batch_execute("NOTIFY bench_sentinel")?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut n = 0;
+            loop {
+                for next in self.conn.notifications_iter() {
+                    if next?.channel == "bench_sentinel" {
+                        return Ok(n);
+                    }
+                    n += 1;
+                }
+                if Instant::now() > deadline {
+                    return Err("the sentinel notification did not arrive within 30 s".into());
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+
     /// Rows in the table `mode` writes to.
     fn rows_written(conn: &mut PgConnection, mode: &str) -> QueryResult<i64> {
         if mode.starts_with("plain-notify-") {
@@ -540,11 +685,18 @@ mod bench {
         let batch = a.num("batch", 1000)?.max(1) as i64;
         reset(&url)?;
         let mut sides = Sides::open(&url)?;
+        let mut listener = notifies(&mode).then(|| Listener::open(&url)).transpose()?;
+        if let (Some(l), true) = (listener.as_mut(), mode.ends_with("-listened")) {
+            l.register()?;
+        }
         let c0 = cpu_snap();
         let t0 = Instant::now();
-        sides.run(&mode, 0, count, batch)?;
+        sides.run(base(&mode), 0, count, batch)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let cpu = cpu_diff(c0, cpu_snap());
+        if let Some(l) = listener.as_mut() {
+            l.unregister()?;
+        }
         let n = rows_written(&mut sides.plain, &mode)?;
         if n != count {
             return Err(format!("expected {count} rows, found {n}").into());
@@ -571,6 +723,17 @@ mod bench {
         };
         reset(&url)?;
         let mut sides = Sides::open(&url)?;
+        // With a mode that notifies, a listener throughout (as a deployment whose relays
+        // listen has), and each block's notifications counted, outside the timed part.
+        let mut listener = modes
+            .iter()
+            .any(|m| notifies(m))
+            .then(|| Listener::open(&url))
+            .transpose()?;
+        let mut notes = vec![0u64; modes.len()];
+        // CPU time per mode (ns): this thread, the server process it writes through, the
+        // listener's server process (the NOTIFY's delivery); measured around the timed part.
+        let mut cpu_used: Vec<Option<[u64; 3]>> = vec![Some([0; 3]); modes.len()];
         let mut ms = vec![0.0; modes.len()];
         let mut blocks: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
         let c0 = cpu_snap();
@@ -580,11 +743,39 @@ mod bench {
             let to = (from + block).min(count);
             for k in 0..modes.len() {
                 let m = (k + turn) % modes.len();
+                let listened = modes[m].ends_with("-listened");
+                if let (Some(l), true) = (listener.as_mut(), listened) {
+                    l.register()?;
+                }
+                let lpid = listener.as_ref().map(|l| l.pid);
+                let before = sides.cpu(&modes[m], lpid);
                 let t = Instant::now();
-                sides.run(&modes[m], from, to, batch)?;
+                sides.run(base(&modes[m]), from, to, batch)?;
                 let took = t.elapsed().as_secs_f64() * 1e3;
+                let after = sides.cpu(&modes[m], lpid);
+                cpu_used[m] = match (cpu_used[m], before, after) {
+                    (Some(sum), Some(b), Some(a)) => {
+                        Some(std::array::from_fn(|i| sum[i] + a[i].saturating_sub(b[i])))
+                    }
+                    _ => None,
+                };
                 ms[m] += took;
                 blocks[m].push((to - from) as f64 * 1e3 / took);
+                if let Some(l) = listener.as_mut() {
+                    if listened {
+                        l.unregister()?;
+                    }
+                    let n = l.count(&mut sides.plain)?;
+                    if notifies(&modes[m]) != (n > 0) {
+                        return Err(format!(
+                            "mode {}: {n} notifications in a block of {} jobs",
+                            modes[m],
+                            to - from
+                        )
+                        .into());
+                    }
+                    notes[m] += n;
+                }
             }
             from = to;
             turn += 1;
@@ -602,13 +793,22 @@ mod bench {
                 return Err(format!("{table}: expected {want} rows, found {n}").into());
             }
         }
-        for ((m, ms), mut rates) in modes.iter().zip(ms).zip(blocks) {
+        for ((((m, ms), mut rates), notes), used) in
+            modes.iter().zip(ms).zip(blocks).zip(notes).zip(cpu_used)
+        {
             rates.sort_by(f64::total_cmp);
             let median = rates[rates.len() / 2];
+            // CPU time per job, µs: unlike jobs/s, barely moved by what else the machine runs
+            let per_job = |ns: u64| round(ns as f64 / 1e3 / count as f64, 2);
             let line = merge(
                 enqueue_line(m, count, batch, ms),
                 json!({"interleaved": modes, "block": block,
-                       "jobs_per_s_block_median": median.round() as i64}),
+                       "jobs_per_s_block_median": median.round() as i64,
+                       "notifications": listener.as_ref().map(|_| notes),
+                       "cpu_us_per_job": used.map(|[client, server, listen]| json!({
+                           "client": per_job(client), "server": per_job(server),
+                           "listener": per_job(listen),
+                           "total": per_job(client + server + listen)}))}),
             );
             println!("{}", merge(line, cpu.clone()));
         }
@@ -688,7 +888,7 @@ mod bench {
             still = 0;
             let left: Vec<Exists> = diesel::sql_query(
                 "SELECT EXISTS (SELECT 1 FROM dts_outbox WHERE state = 0 AND (locked_until IS NULL \
-                 OR locked_until < (extract(epoch FROM now()) * 1000)::BIGINT OR locked_by = $1)) \
+                 OR locked_until < (date_part('epoch', now()) * 1000)::BIGINT OR locked_by = $1)) \
                  AS e",
             )
             .bind::<diesel::sql_types::Text, _>(&name)
@@ -860,8 +1060,24 @@ mod bench {
             .batch_size(o.batch_size as usize)
             .listen(url.clone())
             .spawn()?;
-        // Let the listener's LISTEN take effect before the producer starts.
-        std::thread::sleep(Duration::from_millis(200));
+        // The producer starts once the listener has registered (its COMMITs notify from then).
+        let mut conn = PgConnection::establish(&url)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let registered: Exists = diesel::sql_query(
+                "SELECT EXISTS (SELECT 1 FROM dts_outbox_listeners WHERE relay = $1) AS e",
+            )
+            .bind::<diesel::sql_types::Text, _>(relay.name())
+            .get_result(&mut conn)?;
+            if registered.e {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err("the relay's listener did not register within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(conn);
         say(&out, "ready");
         let stdin = std::io::stdin();
         for line in stdin.lock().lines() {
@@ -1014,6 +1230,8 @@ mod bench {
         "plain-batch",
         "plain-notify-autocommit",
         "plain-notify-usertx1",
+        "autocommit-listened",
+        "usertx1-listened",
     ];
 
     pub fn main() -> Res<()> {

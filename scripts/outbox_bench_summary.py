@@ -121,10 +121,12 @@ def main():
         drain_row(p)
     for p in ("p50", "p90", "p99", "max"):
         lat_row(p)
-    enqueue_row("_(info)_ one job in autocommit; limit: plain Diesel into a table with the "
-                "outbox's NOTIFY trigger", None, "autocommit", "plain-notify-autocommit")
-    enqueue_row("_(info)_ one user row + one job; limit: plain Diesel into a table with the "
-                "outbox's NOTIFY trigger", None, "usertx1", "plain-notify-usertx1")
+    enqueue_row("_(info)_ one job in autocommit, ours while a relay listens (every COMMIT "
+                "notifies); limit: plain Diesel into a table whose trigger always notifies",
+                None, "autocommit-listened", "plain-notify-autocommit")
+    enqueue_row("_(info)_ one user row + one job, ours while a relay listens (every COMMIT "
+                "notifies); limit: plain Diesel into a table whose trigger always notifies",
+                None, "usertx1-listened", "plain-notify-usertx1")
     enqueue_row("_(info)_ one user row + one job, ours with `defer_durable!` (written at COMMIT)",
                 None, "usertx1-macro", "plain-usertx1")
     enqueue_row("_(info)_ 1,000 jobs per transaction, ours with 1,000 `conn.defer_durable` "
@@ -165,9 +167,14 @@ def main():
           "in autocommit per job (as the kit's one autocommit `add_job`), timer pacing; times "
           "from CLOCK_REALTIME in both processes")
     print("- plain Diesel limit: a `PgConnection` without the wrapper inserting the outbox row's "
-          "columns into `bench_plain` (dts_outbox's columns and indexes, no NOTIFY trigger), "
-          "the same user-row INSERT and transaction; run interleaved with ours in one process, "
-          "blocks of 500 jobs (1,000 for the batch rows), the order rotating")
+          "columns into `bench_plain` (dts_outbox's columns, defaults and indexes, no NOTIFY "
+          "trigger), the same user-row INSERT and transaction; run interleaved with ours in one "
+          "process, blocks of 500 jobs (1,000 for the batch rows), the order rotating")
+    print("- ours' enqueue rows: no relay listening, so the trigger sends no NOTIFY (`compare` "
+          "counts each block's notifications against a sentinel: none); `-listened` rows: a "
+          "connection of the bench process LISTENs and is registered in dts_outbox_listeners "
+          "during those blocks, as a relay's listener is, so every COMMIT notifies; the "
+          "`plain-notify` limit's trigger always notifies (a listener present in both)")
     print("- graphile-worker: the kit's preset (concurrency 24, pool 25, local queue 500, "
           "refetch 10 ms, completion batching), its bench/*.js unchanged")
     print()

@@ -10,7 +10,12 @@
 //!   warning (later attempts back off and log at debug level), while the relay still delivers
 //!   by polling.
 //! - A listener that loses its connection (server restarted) logs one warning, one "listener
-//!   reconnected" line once the server is back, and is woken by NOTIFY again.
+//!   reconnected" line once the server is back, registers again (its registration from before
+//!   the restart, now naming a backend that is gone, removed), and is woken by NOTIFY again.
+//! - A listener that cannot register in `dts_outbox_listeners` (the migration that adds it not
+//!   applied yet) logs one warning and retries; a job committed meanwhile is delivered at once
+//!   when it registers, by the look its registration rings in (poll interval 60 s).
+//!   (Registering enables the NOTIFY trigger; the last listener to stop disables it.)
 //!
 //! Waiting is polling (of the server, of the captured log, of a channel) against a deadline.
 
@@ -31,7 +36,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// Far below the relays' 60 s poll interval: only a NOTIFY can deliver this fast.
 const PROMPT: Duration = Duration::from_secs(5);
 
-/// The in-process bell is one per process: a listener's wake-up (after its LISTEN) wakes the
+/// The in-process bell is one per process: a listener's wake-up (after registering) wakes the
 /// relays of every test of this binary. The tests take turns, so that only a test's own
 /// listener can wake its relay.
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
@@ -86,17 +91,18 @@ fn insert_from_another_process(server: &PgServer, queue: &str, payload: i64) {
 }
 
 /// Waits until the relay's listener (`application_name = listen_app`) has run `LISTEN` over
-/// TLS, and then until the pool's only connection (`pool_app`) is idle after a claim that
-/// started after that LISTEN: the claim the listener's "LISTEN is in place" wake-up causes
-/// is over, and the worker waits its 60 s poll interval.
+/// TLS and registered in `dts_outbox_listeners` (enqueues notify from then on), and then
+/// until the pool's only connection (`pool_app`) is idle after a claim that started after
+/// that registration: the claim the listener's "registered" wake-up causes is over, and the
+/// worker waits its 60 s poll interval.
 fn wait_listening_and_idle(server: &PgServer, listen_app: &str, pool_app: &str) {
-    common::wait_for(PATIENCE, "a LISTEN over TLS", || {
+    common::wait_for(PATIENCE, "a registered listener over TLS", || {
         let ssl = server.psql(
             "postgres",
             &format!(
                 "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
-                 WHERE a.application_name = '{listen_app}' AND a.query = 'LISTEN dts_outbox' \
-                 AND a.state = 'idle'"
+                 JOIN dts_outbox_listeners l USING (pid) \
+                 WHERE a.application_name = '{listen_app}' AND a.state = 'idle'"
             ),
         );
         match ssl.as_str() {
@@ -105,13 +111,14 @@ fn wait_listening_and_idle(server: &PgServer, listen_app: &str, pool_app: &str) 
             other => panic!("the listener's connection is not TLS: ssl = {other:?}"),
         }
     });
-    common::wait_until(PATIENCE, "the worker idle after LISTEN", || {
+    common::wait_until(PATIENCE, "the worker idle after the registration", || {
         let n = server.psql(
             "postgres",
             &format!(
                 "SELECT count(*) FROM pg_stat_activity p, pg_stat_activity l \
                  WHERE p.application_name = '{pool_app}' AND p.state = 'idle' \
-                 AND l.application_name = '{listen_app}' AND l.query = 'LISTEN dts_outbox' \
+                 AND l.application_name = '{listen_app}' AND l.state = 'idle' \
+                 AND l.pid IN (SELECT pid FROM dts_outbox_listeners) \
                  AND p.query_start > l.state_change"
             ),
         );
@@ -222,6 +229,12 @@ fn a_listener_that_loses_its_server_says_so_once_and_reconnects() {
         !lines(&name, log::Level::Info, "listener reconnected").is_empty()
     });
     wait_listening_and_idle(&server, "dts-reconnect-listen", "dts-reconnect-pool");
+    // A clean restart keeps the UNLOGGED table's rows: the registration from before it named a
+    // backend that is gone, and registering again removed it.
+    assert_eq!(
+        server.psql("postgres", "SELECT count(*) FROM dts_outbox_listeners"),
+        "1"
+    );
     insert_from_another_process(&server, queue, 9);
     assert_eq!(
         rx.recv_timeout(PROMPT),
@@ -236,4 +249,79 @@ fn a_listener_that_loses_its_server_says_so_once_and_reconnects() {
         lines(&name, log::Level::Info, "listener reconnected").len(),
         1
     );
+}
+
+#[test]
+fn a_job_committed_before_the_listener_could_register_is_found_when_it_registers() {
+    let _turn = one_at_a_time();
+    let _ = common::logger();
+    // The previous schema: the first two outbox migrations, no dts_outbox_listeners.
+    let server = PgServer::builder()
+        .tls()
+        .hba(PgServer::HBA_TLS_ONLY)
+        .start();
+    let mut conn = PgConnection::establish(&server.url("postgres", "sslmode=require")).unwrap();
+    for _ in 0..2 {
+        conn.run_next_migration(outbox::migrations::POSTGRES)
+            .unwrap();
+    }
+    let queue = "tls_late_register";
+    let (tx, rx) = mpsc::channel();
+    let relay = Relay::builder(pool(&server, "dts-late-pool"))
+        .handler(queue, move |job| Ok(tx.send(job.payload::<i64>()?)?))
+        .poll_interval(Duration::from_secs(60))
+        .listen(server.url(
+            "postgres",
+            "sslmode=require&application_name=dts-late-listen",
+        ))
+        .spawn()
+        .unwrap();
+    let name = relay.name().to_owned();
+    common::wait_until(PATIENCE, "a failed registration", || {
+        !lines(
+            &name,
+            log::Level::Warn,
+            "cannot register in dts_outbox_listeners",
+        )
+        .is_empty()
+    });
+    // The worker's first look is over (its empty claim, then worker 0's check for unknown
+    // queues): it waits its 60 s poll interval now.
+    common::wait_until(PATIENCE, "the worker idle after its first look", || {
+        server.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dts-late-pool' \
+             AND state = 'idle' AND query LIKE 'SELECT queue, COUNT(*)%'",
+        ) == "1"
+    });
+    // Its trigger notifies, but no listener hears it: the listener is not connected between
+    // its attempts, and an attempt drops its connection when the registration fails.
+    insert_from_another_process(&server, queue, 11);
+
+    conn.run_pending_migrations(outbox::migrations::POSTGRES)
+        .unwrap();
+    common::wait_until(PATIENCE, "the registration", || {
+        !lines(&name, log::Level::Info, "listener reconnected").is_empty()
+    });
+    let registered = Instant::now();
+    assert_eq!(
+        rx.recv_timeout(PROMPT),
+        Ok(11),
+        "not found by the look rung after the registration (poll interval 60 s)"
+    );
+    let latency = registered.elapsed();
+    let warnings = lines(&name, log::Level::Warn, "listener");
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].contains("dts_outbox_listener_register(text) does not exist"),
+        "{}",
+        warnings[0]
+    );
+    assert_eq!(relay.shutdown().delivered, 1);
+    assert_eq!(
+        server.psql("postgres", "SELECT count(*) FROM dts_outbox_listeners"),
+        "0",
+        "a clean stop removes the registration"
+    );
+    eprintln!("late registration: delivered {latency:?} after the listener registered");
 }

@@ -364,6 +364,12 @@ fn count(conn: &mut PgConnection, sql: &str, bind: &str) -> i64 {
         .n
 }
 
+/// Listeners registered in `dts_outbox_listeners` (after their `LISTEN`: enqueues notify from
+/// then on) whose connection has `application_name = $1`.
+#[cfg(feature = "outbox-listen")]
+const REGISTERED_AS: &str = "SELECT count(*) AS n FROM dts_outbox_listeners l \
+     JOIN pg_stat_activity a USING (pid) WHERE a.application_name = $1";
+
 fn queue_len(conn: &mut PgConnection, queue: &str) -> i64 {
     count(
         conn,
@@ -930,17 +936,11 @@ fn listen_wakes_a_relay_process_that_polls_once_an_hour() {
     relay.send("go");
     relay.expect("started", deadline);
     let mut db = common::pg_plain();
-    common::wait_until(deadline, "the relay's LISTEN", || {
-        let n = count(
-            &mut db,
-            "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = $1 \
-             AND query = 'LISTEN dts_outbox'",
-            &app,
-        );
-        n == 1
+    common::wait_until(deadline, "the relay's registered listener", || {
+        count(&mut db, REGISTERED_AS, &app) == 1
     });
     // The relay's worker now waits up to an hour; only the NOTIFY of this COMMIT (or the
-    // wake-up its listener rings once LISTEN is in place) can make it claim.
+    // wake-up its listener rings once registered) can make it claim.
     let mut conn = common::pg();
     let committed = Instant::now();
     let id = conn
@@ -987,15 +987,9 @@ fn shutdown_with_listen_is_prompt_whatever_the_poll_interval() {
         .listen(with_application_name(&url, &app))
         .spawn()
         .unwrap();
-    let mut db = common::pg_plain();
-    common::wait_until(PATIENCE, "the relay's LISTEN", || {
-        let n = count(
-            &mut db,
-            "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = $1 \
-             AND query = 'LISTEN dts_outbox'",
-            &app,
-        );
-        n == 1
+    let mut db = PgConnection::establish(&url).unwrap();
+    common::wait_until(PATIENCE, "the relay's registered listener", || {
+        count(&mut db, REGISTERED_AS, &app) == 1
     });
     let stopping = Instant::now();
     relay.shutdown();

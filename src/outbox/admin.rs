@@ -44,7 +44,8 @@ impl Dialect {
 
 #[cfg(feature = "postgres")]
 const PG: Dialect = Dialect {
-    now: "(extract(epoch FROM now()) * 1000)::BIGINT",
+    // float8, as the relay's statements (`backend.rs`' `now_ms!`)
+    now: "(date_part('epoch', now()) * 1000)::BIGINT",
     int: "BIGINT",
     dollar: true,
     insert_ignore: ("INSERT", " ON CONFLICT (queue) DO NOTHING"),
@@ -648,6 +649,8 @@ impl Admin {
             .execute(&mut *c)?;
             if n > 0 && d.dollar {
                 // PostgreSQL: wake relays in other processes (at COMMIT, if in a transaction).
+                // Unconditional, unlike the trigger's: an operator's action is rare, a NOTIFY
+                // nobody hears costs only this transaction, and it works on every schema.
                 diesel::sql_query("SELECT pg_notify('dts_outbox', '')").execute(c)?;
             }
             Ok(n)

@@ -12,7 +12,9 @@
 //!    the transaction, not a lost job later.
 //! 2. After COMMIT an on-commit hook wakes the in-process [`Relay`] at once; on PostgreSQL a
 //!    trigger sends `NOTIFY dts_outbox` in the same transaction, which wakes relays in other
-//!    processes (feature `outbox-listen`).
+//!    processes (feature `outbox-listen`); the trigger is enabled only while some relay's
+//!    listener is registered in `dts_outbox_listeners`: with no relay listening, enqueuing
+//!    sends no notification.
 //! 3. The [`Relay`] claims batches of due rows with a lease (`FOR UPDATE SKIP LOCKED` on
 //!    PostgreSQL and MySQL/MariaDB), runs the handler registered for the row's queue, deletes
 //!    the rows that succeeded, and retries failures with exponential backoff and jitter until
@@ -121,7 +123,10 @@ pub mod migrations {
     ///
     /// Each set holds the table's creation and, since the operations of
     /// [`Admin`](super::Admin), `dts_outbox_paused` (paused queues; relays read it at every
-    /// claim, so run the pending migrations before relays of this version start).
+    /// claim, so run the pending migrations before relays of this version start). PostgreSQL
+    /// has a third: `dts_outbox_listeners`, the relays whose `listen()` connection is
+    /// listening; the NOTIFY trigger is enabled only while one is registered (see
+    /// [`sql::POSTGRES_LISTENERS_UP`](super::sql::POSTGRES_LISTENERS_UP)).
     pub const POSTGRES: EmbeddedMigrations = embed_migrations!("migrations/outbox/postgres");
     /// For SQLite.
     pub const SQLITE: EmbeddedMigrations = embed_migrations!("migrations/outbox/sqlite");
@@ -168,6 +173,35 @@ pub mod sql {
     /// Undoes [`POSTGRES_PAUSED_UP`].
     pub const POSTGRES_PAUSED_DOWN: &str = include_str!(
         "../../migrations/outbox/postgres/2026-12-01-000200_dts_outbox_paused/down.sql"
+    );
+    /// The third migration, on PostgreSQL only: `dts_outbox_listeners`, the relays listening
+    /// for `NOTIFY dts_outbox` (an `UNLOGGED` table their `listen()` connection registers in
+    /// through the functions `dts_outbox_listener_register(relay)` and
+    /// `dts_outbox_listener_unregister()`), and the NOTIFY trigger enabled only while one is
+    /// registered (`dts_outbox_listeners_sync()`, with its owner's rights): a transaction that
+    /// enqueues while no relay listens sends no notification. It also reads the columns'
+    /// default clock as `float8` (`date_part`), as the crate's statements do. Run it as the
+    /// owner of `dts_outbox`, after [`POSTGRES_PAUSED_UP`], before relays of this version
+    /// listen (their listener retries until it can register). Relays of earlier versions that
+    /// listen do not register: while no relay of this version listens, they are woken by their
+    /// poll only.
+    ///
+    /// ```
+    /// use diesel_transaction_signals::outbox::sql;
+    /// assert!(sql::POSTGRES_LISTENERS_UP.contains("CREATE UNLOGGED TABLE dts_outbox_listeners"));
+    /// ```
+    pub const POSTGRES_LISTENERS_UP: &str = include_str!(
+        "../../migrations/outbox/postgres/2026-12-02-000300_dts_outbox_listeners/up.sql"
+    );
+    /// Undoes [`POSTGRES_LISTENERS_UP`]: the trigger is enabled again, and notifies at every
+    /// enqueuing COMMIT.
+    ///
+    /// ```
+    /// use diesel_transaction_signals::outbox::sql;
+    /// assert!(sql::POSTGRES_LISTENERS_DOWN.contains("DROP TABLE dts_outbox_listeners"));
+    /// ```
+    pub const POSTGRES_LISTENERS_DOWN: &str = include_str!(
+        "../../migrations/outbox/postgres/2026-12-02-000300_dts_outbox_listeners/down.sql"
     );
     /// The second migration, on SQLite: `dts_outbox_paused`. Apply it after [`SQLITE_UP`].
     pub const SQLITE_PAUSED_UP: &str =

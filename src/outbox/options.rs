@@ -81,9 +81,21 @@ macro_rules! relay_option_setters {
         /// what the pool's URL takes (libpq's URI or `key=value` syntax, `sslmode` and the other
         /// TLS options).
         ///
+        /// After `LISTEN` the listener registers its connection in `dts_outbox_listeners`
+        /// (PostgreSQL migration `2026-12-02-000300_dts_outbox_listeners`), which enables the
+        /// outbox's NOTIFY trigger, then wakes the workers to look for due jobs at once; when
+        /// the relay stops cleanly it removes its registration, and the last one to go disables
+        /// the trigger. So with no relay listening, enqueuing costs no notification, and a relay
+        /// running only in the processes that enqueue (woken in-process) needs no `listen`.
+        /// Enabling the trigger waits for the transactions that have written to `dts_outbox`
+        /// (at most 100 ms, then the registration is retried), so no job is left to the poll
+        /// by the registration: those committed before it are found by the first look, and
+        /// later ones notify. The listener's role needs `SELECT`, `INSERT` and `DELETE` on
+        /// `dts_outbox_listeners`.
+        ///
         /// The listener looks for notifications every millisecond while they keep coming,
-        /// backing off to every 50 ms after 200 ms of silence. If it cannot connect or
-        /// `LISTEN`, or loses its connection, it logs one warning, retries with exponential
+        /// backing off to every 50 ms after 200 ms of silence. If it cannot connect, `LISTEN`
+        /// or register, or loses its connection, it logs one warning, retries with exponential
         /// backoff (100 ms doubling up to 30 s, logged at debug level only) and logs one info
         /// line "listener reconnected" when it is back; meanwhile the workers keep polling
         /// every [`poll_interval`](Self::poll_interval), so choose that with the outage in

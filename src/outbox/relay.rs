@@ -86,7 +86,8 @@ impl Relay {
 /// - `backoff(b)`: retry delays ([`Backoff`]).
 /// - `listen(url)` (feature `outbox-listen`, PostgreSQL): also wake on `NOTIFY dts_outbox`
 ///   from other processes, through a `PgConnection` to `url` (same URL syntax and TLS options
-///   as the pool).
+///   as the pool), registered in `dts_outbox_listeners` while it listens: the NOTIFY trigger
+///   is enabled only while some relay is registered.
 ///
 /// ```
 /// # #[cfg(feature = "sqlite")] {

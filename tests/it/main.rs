@@ -28,6 +28,7 @@ mod outbox_admin;
 mod outbox_async_relay;
 mod outbox_batch;
 mod outbox_cli;
+mod outbox_listeners;
 mod pool;
 mod pool_stress;
 mod postgres;

@@ -480,7 +480,8 @@ async_relay_suite!(
 
 /// A relay that polls once an hour is woken by a job committed in another connection, which
 /// does not ring this process's bell: a plain `PgConnection` inserting the row itself, whose
-/// trigger sends `NOTIFY dts_outbox`, heard by the relay's listener.
+/// trigger sends `NOTIFY dts_outbox` (the relay's listener registered), heard by the relay's
+/// listener. The listener removes its registration when the relay shuts down.
 ///
 /// (Every outbox commit of this test process rings the bell too, so a parallel test can wake
 /// the relay as well; `tests/outbox_listen_tls.rs` runs the thread relay's listener alone in
@@ -509,6 +510,23 @@ async fn postgres_listen_wakes_an_async_relay_for_a_job_committed_elsewhere() {
         .spawn()
         .unwrap();
     let mut other = common::pg_plain();
+    // The listener thread registers in dts_outbox_listeners (from then on, enqueues notify)...
+    let registered = |c: &mut diesel::PgConnection| -> i64 {
+        #[derive(diesel::QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        diesel::sql_query("SELECT count(*) AS n FROM dts_outbox_listeners WHERE relay = $1")
+            .bind::<diesel::sql_types::Text, _>(relay.name())
+            .get_result::<N>(c)
+            .unwrap()
+            .n
+    };
+    wait_for("the listener's registration", || {
+        (registered(&mut other) == 1).then_some(())
+    })
+    .await;
     diesel::sql_query(
         "INSERT INTO dts_outbox (queue, payload, max_attempts, run_at) \
          VALUES ($1, '7', 3, (extract(epoch FROM now()) * 1000)::BIGINT)",
@@ -517,7 +535,15 @@ async fn postgres_listen_wakes_an_async_relay_for_a_job_committed_elsewhere() {
     .execute(&mut other)
     .unwrap();
     assert_eq!(next(&mut rx, "the job committed elsewhere").await, 7);
+    let name = relay.name().to_owned();
     assert_eq!(relay.shutdown().await.delivered, 1);
+    // ... and removes its registration when the relay shuts down.
+    let left: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!(
+        "(SELECT count(*) FROM dts_outbox_listeners WHERE relay = '{name}')"
+    )))
+    .get_result(&mut other)
+    .unwrap();
+    assert_eq!(left, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,8 +84,10 @@ fn with_database(url: &str, name: &str) -> String {
     format!("{base}/{name}")
 }
 
+/// `$later`: the versions of the migrations after the first (PostgreSQL has one more).
 macro_rules! cli_suite {
-    ($backend:ident, $conn:ty, $url:expr, $empty_database:expr, $migrations:expr) => {
+    ($backend:ident, $conn:ty, $url:expr, $empty_database:expr, $migrations:expr,
+     $later:expr) => {
         mod $backend {
             use super::*;
             use diesel::r2d2::{ConnectionManager, Pool};
@@ -298,7 +300,10 @@ macro_rules! cli_suite {
                 cli(&empty, &["status"]).fails_with("dts_outbox is missing");
                 cli(&empty, &["dead"]).fails_with("dts-outbox migrate");
                 let applied = cli(&empty, &["--json", "migrate"]).json();
-                assert_eq!(applied["applied"].as_array().unwrap().len(), 2);
+                assert_eq!(
+                    applied["applied"].as_array().unwrap().len(),
+                    1 + $later.len()
+                );
                 assert_eq!(
                     cli(&empty, &["migrate"]).ok(),
                     "outbox tables are up to date\n"
@@ -307,9 +312,9 @@ macro_rules! cli_suite {
                 assert!(status.contains("(no queues"), "{status}");
             }
 
-            /// A database made by the previous version (the first outbox migration only), with
-            /// a job in it: the tool names the missing table, `migrate` applies the one pending
-            /// migration, and a relay of this version delivers the job.
+            /// A database made by an earlier version (the first outbox migration only), with a
+            /// job in it: the tool names the missing table, `migrate` applies the pending
+            /// migrations, and a relay of this version delivers the job.
             #[test]
             fn a_database_of_the_previous_version_upgrades_with_migrate() {
                 use diesel_migrations::MigrationHarness;
@@ -325,7 +330,7 @@ macro_rules! cli_suite {
                     "ID  QUEUE  ATTEMPTS  CREATED  FAILED  LAST ERROR  PAYLOAD\n(no dead jobs)\n"
                 );
                 let applied = cli(&empty, &["--json", "migrate"]).json();
-                assert_eq!(applied["applied"], serde_json::json!(["20261201000200"]));
+                assert_eq!(applied["applied"], serde_json::json!($later));
                 assert_eq!(cli(&empty, &["--json", "status", &q]).json()[0]["ready"], 1);
                 let (tx, rx) = mpsc::channel();
                 let relay = Relay::builder(
@@ -438,22 +443,77 @@ cli_suite!(
     diesel::SqliteConnection,
     super::sqlite_url,
     super::sqlite_empty,
-    diesel_transaction_signals::outbox::migrations::SQLITE
+    diesel_transaction_signals::outbox::migrations::SQLITE,
+    ["20261201000200"]
 );
 cli_suite!(
     postgres,
     diesel::PgConnection,
     super::pg_url,
     super::pg_empty,
-    diesel_transaction_signals::outbox::migrations::POSTGRES
+    diesel_transaction_signals::outbox::migrations::POSTGRES,
+    ["20261201000200", "20261202000300"]
 );
 cli_suite!(
     mysql,
     diesel::MysqlConnection,
     super::mysql_url,
     super::mysql_empty,
-    diesel_transaction_signals::outbox::migrations::MYSQL
+    diesel_transaction_signals::outbox::migrations::MYSQL,
+    ["20261201000200"]
 );
+
+/// PostgreSQL at the previous version (the first two outbox migrations), a job in it: every
+/// command works before the upgrade, `migrate` applies `dts_outbox_listeners`, and a relay that
+/// listens registers there and delivers the job.
+#[test]
+fn postgres_a_database_of_the_previous_version_upgrades_to_listeners_with_migrate() {
+    use diesel::r2d2::{ConnectionManager, Pool};
+    use diesel_migrations::MigrationHarness;
+    let (url, _keep) = pg_url();
+    let (db, _drop) = pg_empty(&url);
+    let mut conn =
+        diesel_transaction_signals::SignalConnection::<PgConnection>::establish(&db).unwrap();
+    for _ in 0..2 {
+        conn.run_next_migration(diesel_transaction_signals::outbox::migrations::POSTGRES)
+            .unwrap();
+    }
+    let q = queue("upgrade_listeners");
+    let id = conn.defer_durable(&q, &"before").unwrap().unwrap();
+    assert_eq!(cli(&db, &["--json", "status", &q]).json()[0]["ready"], 1);
+    let applied = cli(&db, &["--json", "migrate"]).json();
+    assert_eq!(applied["applied"], serde_json::json!(["20261202000300"]));
+    assert_eq!(
+        cli(&db, &["migrate"]).ok(),
+        "outbox tables are up to date\n"
+    );
+    let (tx, rx) = mpsc::channel();
+    let builder = Relay::builder(
+        Pool::builder()
+            .max_size(2)
+            .build(ConnectionManager::<PgConnection>::new(db.clone()))
+            .unwrap(),
+    )
+    .name("cli-upgrade")
+    .handler(&q, move |job| {
+        Ok(tx.send((job.id(), job.payload::<String>()?))?)
+    });
+    #[cfg(feature = "outbox-listen")]
+    let builder = builder.listen(db.as_str());
+    let relay = builder.spawn().unwrap();
+    assert_eq!(
+        rx.recv_timeout(PATIENCE).unwrap(),
+        (id, "before".to_owned())
+    );
+    #[cfg(feature = "outbox-listen")]
+    common::wait_until(PATIENCE, "the listener's registration", || {
+        diesel::sql_query("SELECT 1 AS n FROM dts_outbox_listeners WHERE relay = 'cli-upgrade'")
+            .execute(&mut conn)
+            .unwrap()
+            == 1
+    });
+    relay.shutdown();
+}
 
 /// The commands on every queue at once, on a SQLite file of their own, through DATABASE_URL.
 #[test]
