@@ -713,8 +713,9 @@ pub(crate) mod task {
     ///   ([`end_scope`]), so none waits past its level's end and registration order is kept;
     /// - dropped before the closure returned (a cancelled `transaction` future), it marks the
     ///   level abandoned and hands what it still holds to the connection's inbox: the
-    ///   rollback of the abandoned level settles them, or, if the connection is gone, they are
-    ///   settled `Unknown` with a log line.
+    ///   rollback of the abandoned level settles them. (The inbox cannot be closed then: the
+    ///   dropped future borrowed the connection. Were it refused, the hooks would be settled
+    ///   `Unknown` with a log line, never dropped unseen.)
     pub(crate) struct Scope {
         conn: ConnectionId,
         serial: u64,

@@ -190,6 +190,7 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
 
     /// Notes the failure of a statement the wrapper ran on the inner connection itself (the
     /// outbox's inserts), as the statement futures do for the others.
+    #[cfg(feature = "outbox")]
     pub(crate) fn noted<T>(&mut self, result: QueryResult<T>) -> QueryResult<T> {
         if let Err(e) = &result {
             self.watch.failed(e);

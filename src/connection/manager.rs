@@ -108,32 +108,17 @@ pub(crate) fn classify_commit_error(
     broken_after: bool,
     connection_dead: impl FnOnce() -> bool,
 ) -> Call {
-    let (commit_error, rollback_error) = match err {
-        Error::RollbackErrorOnCommit {
-            commit_error,
-            rollback_error,
-        } => (&**commit_error, Some(&**rollback_error)),
-        other => (other, None),
-    };
-    let closed = |e: &Error| {
-        matches!(
-            e,
-            Error::DatabaseError(
-                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
-                _,
-            )
-        )
+    let (commit_error, rollback_failed) = match err {
+        Error::RollbackErrorOnCommit { commit_error, .. } => (&**commit_error, true),
+        other => (other, false),
     };
     let lost = match commit_error {
-        e if closed(e) => true,
-        // An error without a class, say PostgreSQL's FATAL "terminating connection due to
-        // administrator command" read as COMMIT's answer: lost if the connection is gone,
-        // which the ROLLBACK tried after it shows when it could not be sent (async drivers
-        // have no other way to ask).
+        Error::DatabaseError(
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+            _,
+        ) => true,
         Error::DatabaseError(DatabaseErrorKind::Unknown, _) => {
-            (broken_after && rollback_error.is_none())
-                || rollback_error.is_some_and(closed)
-                || connection_dead()
+            (broken_after && !rollback_failed) || connection_dead()
         }
         // The database answered: a constraint, a serialization failure... nothing committed.
         Error::DatabaseError(..) => false,
