@@ -47,12 +47,15 @@
 //! - an entry leaves the map when its level closes, from whatever thread or task closes it.
 //!
 //! The task map is the general path, behind two locks (the map's, the inbox's). The common
-//! case takes neither: an async connection's `transaction` runs its closure in a
+//! case takes neither: an async connection's `transaction` runs its closure, and the level's
+//! end (the pre-commit phase, COMMIT or ROLLBACK, `on_commit_async` futures), in a
 //! **[`task::Scope`]**, a tokio task-local that travels with the task across `.await`s and
-//! threads, and while the closure's level is the task's innermost, `defer` puts hooks in the
-//! scope's buffer as a sync closure's thread does (invariants at [`task::Scope`]). A level
-//! opened in the task inside the closure (a savepoint of raw manager calls, another
-//! connection's transaction) hides the scope until it closes; `defer` then takes the map.
+//! threads. While the scope's level is the task's innermost, `defer` puts hooks in the scope's
+//! buffer as a sync closure's thread does, and the level is not in the map at all: it goes
+//! there only when a level opens above it in the same task, so that the map can find it once
+//! that one closes (invariants at [`task::Scope`]). A level opened in the task inside the
+//! closure by the manager alone (a savepoint of raw manager calls, a pool object's
+//! `transaction`) hides the scope until it closes; `defer` then takes the map.
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -78,6 +81,10 @@ pub(crate) struct Inbox {
     /// Async connections: hooks may wait in the [`task::Scope`] of a `transaction` closure.
     #[cfg(feature = "async")]
     scoped: AtomicBool,
+    /// Async connections: how many of its levels are in the task map (a closed level looks
+    /// there only if some are).
+    #[cfg(feature = "async")]
+    mapped: std::sync::atomic::AtomicUsize,
     state: Mutex<InboxState>,
 }
 
@@ -213,6 +220,21 @@ pub(crate) enum Slot {
     Task(task::Entered),
 }
 
+impl Slot {
+    /// Whether a level entered so may have hooks waiting for it where its connection cannot
+    /// reach them (a thread's buffer, a task's scope) after it closed unseen there: its fate
+    /// is remembered for them.
+    #[inline]
+    pub(crate) fn remembers_fate(self) -> bool {
+        match self {
+            Slot::Local { .. } => true,
+            Slot::Shared => false,
+            #[cfg(feature = "async")]
+            Slot::Task(entered) => entered == task::Entered::Scoped,
+        }
+    }
+}
+
 /// A shared level (see the module docs).
 struct Entry {
     conn: ConnectionId,
@@ -237,11 +259,10 @@ struct Registry {
 }
 
 /// Hooks deferred to local levels, in registration order, until their connection's next
-/// operation on this thread (or, as a task's [`task::Scope`], in that task). Stored as runs of
+/// operation on this thread. Stored as runs of
 /// hooks for one level, so the usual drain (one run, for the connection's innermost level) is a
 /// single move of the whole buffer.
-#[derive(Default)]
-pub(crate) struct LocalBuffer {
+struct LocalBuffer {
     /// `(connection, level serial, end)`: `hooks[previous run's end..end]` belong to that level.
     runs: Vec<(ConnectionId, u64, usize)>,
     hooks: Vec<Hook>,
@@ -268,7 +289,7 @@ impl LocalBuffer {
     }
 
     /// Moves `conn`'s hooks into `ledger` (those whose level is gone into `stranded`).
-    pub(crate) fn take(
+    fn take(
         &mut self,
         conn: ConnectionId,
         ledger: &mut Ledger<Slot>,
@@ -401,7 +422,7 @@ pub(crate) fn exit(conn: ConnectionId, serial: u64, slot: Slot, inbox: &Inbox) -
         }
         Slot::Shared => exit_shared(conn, serial, inbox),
         #[cfg(feature = "async")]
-        Slot::Task(entered) => task::exit(entered, conn, serial),
+        Slot::Task(entered) => task::exit(entered, conn, serial, inbox),
     }
 }
 
@@ -598,9 +619,10 @@ pub(crate) mod task {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex, MutexGuard};
 
-    use super::{Inbox, LocalBuffer, Slot};
+    use super::{Inbox, Slot};
     use crate::hook::{settle_all, Hook};
     use crate::id::ConnectionId;
+    use crate::ledger::Ledger;
     use crate::outcome::Outcome;
     use crate::pre_commit::DeferError;
 
@@ -630,116 +652,205 @@ pub(crate) mod task {
 
     /// Levels open in the map, so `defer` outside any async transaction skips the lock.
     static OPEN: AtomicUsize = AtomicUsize::new(0);
-    /// Every open async level of the process, in the order they opened: one flat list, which
-    /// keeps its capacity, so entering and exiting a level allocates nothing once it has grown.
-    /// A task's levels are found by scanning from the end (the open levels of the process: a
-    /// few per concurrent transaction).
+    /// The open async levels of the process that are in the map, in the order they were put
+    /// there: one flat list, which keeps its capacity, so entering and exiting a level
+    /// allocates nothing once it has grown. A task's levels are found by scanning from the end
+    /// (the mapped levels of the process: a few per concurrent transaction).
     static MAP: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 
     fn map() -> MutexGuard<'static, Vec<Entry>> {
         MAP.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Where an async level was entered: its key in the map, and the [`Scope`] it hid (the
-    /// `transaction` closure running in the task when it opened), if any.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub(crate) struct Entered {
-        key: Key,
-        hid: Option<(ConnectionId, u64)>,
-    }
-
-    /// Records that `conn` opened level `serial` in the current task.
-    pub(crate) fn enter(conn: ConnectionId, serial: u64, inbox: &Arc<Inbox>) -> Slot {
-        let key = Key::current();
-        map().push(Entry {
+    /// Puts `conn`'s level `serial` in the map under `key`.
+    fn push(map: &mut Vec<Entry>, key: Key, conn: ConnectionId, serial: u64, inbox: &Arc<Inbox>) {
+        map.push(Entry {
             key,
             conn,
             serial,
             inbox: Arc::clone(inbox),
         });
+        inbox.mapped.fetch_add(1, Ordering::Release);
         OPEN.fetch_add(1, Ordering::Release);
-        // The closure running in this task, if any, no longer has the innermost level.
+    }
+
+    /// Takes the entry at `i` out of the map.
+    fn remove(map: &mut Vec<Entry>, i: usize) {
+        let entry = map.remove(i);
+        entry.inbox.mapped.fetch_sub(1, Ordering::Release);
+        OPEN.fetch_sub(1, Ordering::Release);
+    }
+
+    /// How an async level was entered, kept in its [`Slot`] to undo it when it closes.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Entered {
+        /// The level of a `transaction` closure's [`Scope`]: found through the scope while it
+        /// is the task's innermost, and put in the map only once a level opens above it in the
+        /// task (the map must find it when that one closes).
+        Scoped,
+        /// In the map from the start (a level opened by the manager alone), under `key`;
+        /// `hid` is the [`Scope`] running in the task when it opened, if any.
+        Mapped {
+            key: Key,
+            hid: Option<(ConnectionId, u64)>,
+        },
+    }
+
+    /// Puts the level of the scope running in this task in the map, if it is open and not
+    /// there yet: a level is opening above it, and `defer` may have to find it through the map
+    /// once that one closes.
+    fn map_scope(scope: &mut Scope, map: &mut Vec<Entry>) {
+        if scope.open && !scope.in_map {
+            scope.in_map = true;
+            push(map, Key::current(), scope.conn, scope.serial, &scope.inbox);
+        }
+    }
+
+    /// Records that `conn` opened level `serial` in the current task, outside a `transaction`
+    /// closure's scope of its own (a pool object's `transaction`, raw manager calls): it goes
+    /// in the map, and hides the scope running in this task, if any, until it closes.
+    pub(crate) fn enter(conn: ConnectionId, serial: u64, inbox: &Arc<Inbox>) -> Slot {
+        let key = Key::current();
+        let mut map = map();
         let hid = SCOPE
             .try_with(|scope| {
                 let mut scope = scope.borrow_mut();
+                map_scope(&mut scope, &mut map);
                 scope.hidden += 1;
                 (scope.conn, scope.serial)
             })
             .ok();
-        Slot::Task(Entered { key, hid })
+        push(&mut map, key, conn, serial, inbox);
+        Slot::Task(Entered::Mapped { key, hid })
     }
 
-    /// Records that `conn`'s level `serial`, entered as `entered`, closed. Always true: the
-    /// map is reachable from every thread.
-    pub(crate) fn exit(entered: Entered, conn: ConnectionId, serial: u64) -> bool {
-        {
-            let mut map = map();
-            if let Some(i) = map
-                .iter()
-                .rposition(|e| e.key == entered.key && e.conn == conn && e.serial == serial)
-            {
-                map.remove(i);
-                OPEN.fetch_sub(1, Ordering::Release);
-            }
-        }
-        // Closed inside the closure whose level it hid (anywhere else, that closure's scope
-        // stays on the task map's path until it ends: slower, never wrong).
+    /// Records that a level opened whose `transaction` closure will run in a [`Scope`] of its
+    /// own: no map entry, unless the enclosing scope's level has to go there.
+    #[inline]
+    pub(crate) fn enter_scoped() -> Slot {
         let _ = SCOPE.try_with(|scope| {
             let mut scope = scope.borrow_mut();
-            let this = (scope.conn, scope.serial);
-            if entered.hid == Some(this) {
-                scope.hidden -= 1;
-            } else if this == (conn, serial) {
-                // The closure's own level, ended by the closure itself (raw manager calls).
-                scope.open = false;
+            if scope.open && !scope.in_map {
+                map_scope(&mut scope, &mut map());
             }
         });
-        true
+        Slot::Task(Entered::Scoped)
+    }
+
+    /// Records that `conn`'s level `serial`, entered as `entered`, closed. Returns whether the
+    /// task could see it close: always for a mapped level (the map is reachable from every
+    /// thread), for a scoped one only inside its own scope.
+    #[inline]
+    pub(crate) fn exit(entered: Entered, conn: ConnectionId, serial: u64, inbox: &Inbox) -> bool {
+        match entered {
+            Entered::Scoped => {
+                // Closed in its own scope (the usual case), the scope stops taking hooks; closed
+                // elsewhere (raw manager calls in a nested closure, the rollback of an abandoned
+                // level), the connection remembers its fate for what the scope may still take.
+                let own = SCOPE
+                    .try_with(|scope| {
+                        let mut scope = scope.borrow_mut();
+                        let own = (scope.conn, scope.serial) == (conn, serial);
+                        if own {
+                            scope.open = false;
+                        }
+                        own
+                    })
+                    .unwrap_or(false);
+                if inbox.mapped.load(Ordering::Acquire) != 0 {
+                    let mut map = map();
+                    if let Some(i) = map
+                        .iter()
+                        .rposition(|e| e.conn == conn && e.serial == serial)
+                    {
+                        remove(&mut map, i);
+                    }
+                }
+                own
+            }
+            Entered::Mapped { key, hid } => {
+                {
+                    let mut map = map();
+                    if let Some(i) = map
+                        .iter()
+                        .rposition(|e| e.key == key && e.conn == conn && e.serial == serial)
+                    {
+                        remove(&mut map, i);
+                    }
+                }
+                // Closed inside the closure whose level it hid (anywhere else, that closure's
+                // scope stays on the task map's path until it ends: slower, never wrong, as its
+                // level went in the map when this one opened).
+                let _ = SCOPE.try_with(|scope| {
+                    let mut scope = scope.borrow_mut();
+                    let this = (scope.conn, scope.serial);
+                    if hid == Some(this) {
+                        scope.hidden -= 1;
+                    } else if this == (conn, serial) {
+                        // The closure's own level, ended by the closure itself (raw manager
+                        // calls).
+                        scope.open = false;
+                    }
+                });
+                true
+            }
+        }
     }
 
     tokio::task_local! {
-        /// The [`Scope`] of the async `transaction` closure running in this task.
+        /// The [`Scope`] of the async `transaction` running in this task.
         static SCOPE: RefCell<Scope>;
     }
 
-    /// The state of an async connection's `transaction` closure, carried by its task across
-    /// `.await`s and threads (a tokio task-local, set around the closure's future only): while
-    /// the closure's level is the task's innermost, `defer` puts hooks in its buffer with no
-    /// lock and no atomic operation, as a sync closure's thread does. Invariants:
-    /// - hooks go to the buffer only while `open` and `hidden == 0`; every other `defer` takes
-    ///   the task map's path;
+    /// The state of an async connection's `transaction` level, carried by its task across
+    /// `.await`s and threads: a tokio task-local, set around the closure and the level's end
+    /// (COMMIT or ROLLBACK, the pre-commit phase, `on_commit_async` futures). While the level
+    /// is the task's innermost, `defer` puts hooks in its buffer with no lock and no atomic
+    /// operation, as a sync closure's thread does. Invariants:
+    /// - hooks go to the buffer only while `open` and `hidden == 0`; pre-commit work then goes
+    ///   to the connection's inbox, for the level's serial (so a sealed level refuses it); every
+    ///   other `defer` takes the task map's path;
+    /// - the level is in the map only from the moment a level opens above it in the task
+    ///   (`in_map`): the map's path finds it when that one has closed, or when the closure
+    ///   ended a nested level itself;
     /// - the connection takes the buffer's hooks into its ledger at its next operation in this
-    ///   task (the inbox's `scoped` flag says there are some) and when the closure returns
-    ///   ([`end_scope`]), so none waits past its level's end and registration order is kept;
-    /// - dropped before the closure returned (a cancelled `transaction` future), it marks the
-    ///   level abandoned and hands what it still holds to the connection's inbox: the
-    ///   rollback of the abandoned level settles them. (The inbox cannot be closed then: the
-    ///   dropped future borrowed the connection. Were it refused, the hooks would be settled
-    ///   `Unknown` with a log line, never dropped unseen.)
+    ///   task (the inbox's `scoped` flag says there are some) and when the closure returns, so
+    ///   registration order is kept;
+    /// - dropped while `armed` (until a RELEASE is sent; a dropped COMMIT closes the level as
+    ///   `Unknown` in the connection's in-flight guard) with the level still open (a cancelled
+    ///   `transaction` future),
+    ///   it marks the level abandoned and hands what it still holds to the connection's inbox:
+    ///   the rollback of the abandoned level settles them. (The inbox cannot be closed then:
+    ///   the dropped future borrowed the connection. Were it refused, the hooks would be
+    ///   settled `Unknown` with a log line, never dropped unseen.)
     pub(crate) struct Scope {
         conn: ConnectionId,
         serial: u64,
         inbox: Arc<Inbox>,
-        /// The depth of the closure's level, marked abandoned if the closure never returns.
+        /// The depth of the level, marked abandoned if the scope is dropped while `armed`.
         depth: usize,
-        /// The closure is still running (cleared by [`end_scope`]).
+        /// A drop now leaves work to roll back: cleared as a RELEASE is sent.
         armed: bool,
-        /// The closure's level is still open.
+        /// The level is still open.
         open: bool,
-        /// Levels opened in this task inside the closure and not closed there yet.
+        /// The level is in the task map.
+        in_map: bool,
+        /// Levels opened in this task by the manager alone, inside the scope, and not closed
+        /// there yet.
         hidden: u32,
-        buffer: LocalBuffer,
+        /// Hooks `defer`red to the level, in registration order.
+        buffer: Vec<Hook>,
     }
 
     impl Scope {
-        /// The scope of the closure of `conn`'s level `serial` (at `depth`), with `buffer` (the
-        /// connection's spare, empty, to keep its capacity).
+        /// The scope of `conn`'s level `serial` (at `depth`), with `buffer` (the connection's
+        /// spare, empty, to keep its capacity).
         pub(crate) fn new(
             conn: ConnectionId,
             serial: u64,
             depth: usize,
             inbox: &Arc<Inbox>,
-            buffer: LocalBuffer,
+            buffer: Vec<Hook>,
         ) -> Scope {
             Scope {
                 conn,
@@ -748,6 +859,7 @@ pub(crate) mod task {
                 depth,
                 armed: true,
                 open: true,
+                in_map: false,
                 hidden: 0,
                 buffer,
             }
@@ -756,53 +868,58 @@ pub(crate) mod task {
 
     impl Drop for Scope {
         fn drop(&mut self) {
-            if !self.armed {
+            if !(self.armed && self.open) {
                 return;
             }
-            // The closure's future was dropped before it returned: the least that is safe
-            // without the connection (which the dropped future borrowed) is a mark in the
-            // inbox, and the waiting hooks handed to it; the rollback needs I/O and happens at
-            // the connection's next operation.
+            // The future was dropped before the level ended: the least that is safe without
+            // the connection (which the dropped future borrowed) is a mark in the inbox, and the
+            // waiting hooks handed to it; the rollback needs I/O and happens at the
+            // connection's next operation.
             self.inbox.abandon(self.depth);
-            let hooks = std::mem::take(&mut self.buffer.hooks).into_iter();
-            let mut start = 0;
-            let mut hooks = hooks;
-            for (_, serial, end) in std::mem::take(&mut self.buffer.runs) {
-                for hook in hooks.by_ref().take(end - start) {
-                    if let Err((hook, _)) = self.inbox.offer(serial, hook) {
-                        settle_all(
-                            std::iter::once(hook),
-                            Outcome::Unknown,
-                            None,
-                            "its connection was dropped with the transaction future",
-                        );
-                    }
+            for hook in std::mem::take(&mut self.buffer) {
+                if let Err((hook, _)) = self.inbox.offer(self.serial, hook) {
+                    settle_all(
+                        std::iter::once(hook),
+                        Outcome::Unknown,
+                        None,
+                        "its connection was dropped with the transaction future",
+                    );
                 }
-                start = end;
             }
         }
     }
 
-    /// Runs `fut`, a `transaction` closure's future, in `scope`.
-    pub(crate) fn scoped<F: Future>(scope: Scope, fut: F) -> impl Future<Output = F::Output> {
+    /// Runs `fut`, a `transaction` level's future, in `scope`; once it is done, the future
+    /// gives the scope back (`take_value`) for [`end_scope`].
+    pub(crate) fn scoped<F: Future>(
+        scope: Scope,
+        fut: F,
+    ) -> tokio::task::futures::TaskLocalFuture<RefCell<Scope>, F> {
         SCOPE.scope(RefCell::new(scope), fut)
     }
 
-    /// Called by the closure's future as it returns (inside [`scoped`]): the closure is no
-    /// longer running, and the hooks still in its buffer are returned with it, for the
-    /// connection to place before it ends the level.
-    pub(crate) fn end_scope() -> LocalBuffer {
-        SCOPE
-            .try_with(|scope| {
-                let mut scope = scope.borrow_mut();
-                scope.armed = false;
-                scope.open = false;
-                std::mem::take(&mut scope.buffer)
-            })
-            .unwrap_or_default()
+    /// Disarms the scope running in this task as a RELEASE is about to be sent (a drop from now
+    /// on leaves the level as diesel-async's manager leaves it), or arms it again when the
+    /// RELEASE failed and left the level open.
+    pub(crate) fn arm(armed: bool) {
+        let _ = SCOPE.try_with(|scope| scope.borrow_mut().armed = armed);
     }
 
-    /// `defer`'s lock-free path: puts the hook in `slot` into the buffer of the closure running
+    /// Ends `scope`, given back by its finished future: returns its buffer, which still holds
+    /// what the scope did not hand over (nothing, unless hooks were `defer`red to a level that
+    /// a nested closure ended), for the connection to settle and to keep its capacity.
+    pub(crate) fn end_scope(scope: Option<RefCell<Scope>>) -> Vec<Hook> {
+        match scope {
+            Some(scope) => {
+                let mut scope = scope.into_inner();
+                scope.armed = false;
+                std::mem::take(&mut scope.buffer)
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// `defer`'s lock-free path: puts the hook in `slot` into the buffer of the scope running
     /// in this task, if its level is the task's innermost. Returns its connection then.
     #[inline]
     pub(crate) fn offer_scoped(slot: &mut Option<Hook>) -> Option<ConnectionId> {
@@ -812,8 +929,7 @@ pub(crate) mod task {
                 if !scope.open || scope.hidden != 0 {
                     return None;
                 }
-                let hook = slot.take()?;
-                scope.buffer.push(scope.conn, scope.serial, hook, false);
+                scope.buffer.push(slot.take()?);
                 scope.inbox.note_scoped();
                 Some(scope.conn)
             })
@@ -821,31 +937,71 @@ pub(crate) mod task {
             .flatten()
     }
 
-    /// Moves the hooks that the closure running in this task holds for `conn` into `ledger`
-    /// (those whose level has ended into `stranded`).
+    /// Moves the hooks that the scope running in this task holds for `conn` into `ledger`
+    /// (those whose level has ended into `stranded`, with its serial).
     pub(crate) fn take_scoped(
         conn: ConnectionId,
-        ledger: &mut crate::ledger::Ledger<Slot>,
+        ledger: &mut Ledger<Slot>,
         stranded: &mut Vec<(u64, Hook)>,
     ) {
         let _ = SCOPE.try_with(|scope| {
-            let buffer = &mut scope.borrow_mut().buffer;
-            if !buffer.is_empty() {
-                buffer.take(conn, ledger, stranded);
+            let scope = &mut *scope.borrow_mut();
+            if scope.conn == conn {
+                place(scope.serial, &mut scope.buffer, ledger, stranded);
             }
         });
     }
 
+    /// Moves `buffer`'s hooks, `defer`red to level `serial`, into `ledger` (into `stranded`
+    /// when that level has ended), leaving `buffer` empty with its capacity.
+    #[inline]
+    pub(crate) fn place(
+        serial: u64,
+        buffer: &mut Vec<Hook>,
+        ledger: &mut Ledger<Slot>,
+        stranded: &mut Vec<(u64, Hook)>,
+    ) {
+        if buffer.is_empty() {
+            return;
+        }
+        if serial == ledger.innermost_serial() {
+            // The common case: the hooks join the innermost level in one move.
+            ledger.append(buffer, false);
+            return;
+        }
+        for hook in buffer.drain(..) {
+            if let Err(hook) = ledger.push_to(serial, hook) {
+                stranded.push((serial, hook));
+            }
+        }
+    }
+
     /// Hands `hook` to the innermost level open in the current task; gives it back when
-    /// there is none.
+    /// there is none. The path of pre-commit work, and of hooks when that level is not the
+    /// scope's.
     #[cold]
     pub(crate) fn offer(hook: Hook) -> Result<ConnectionId, (Hook, DeferError)> {
+        let mut hook = hook;
+        let target = SCOPE
+            .try_with(|scope| {
+                let scope = scope.borrow();
+                (scope.open && scope.hidden == 0)
+                    .then(|| (scope.conn, scope.serial, Arc::clone(&scope.inbox)))
+            })
+            .ok()
+            .flatten();
+        if let Some((conn, serial, inbox)) = target {
+            match inbox.offer(serial, hook) {
+                Ok(()) => return Ok(conn),
+                Err((back, Some(why))) => return Err((back, why)),
+                Err((back, None)) => hook = back,
+            }
+        }
         if OPEN.load(Ordering::Acquire) == 0 {
             return Err((hook, DeferError::NoTransaction));
         }
         let key = Key::current();
         let mut map = map();
-        let mut hook = hook;
         while let Some(i) = map.iter().rposition(|e| e.key == key) {
             let top = &map[i];
             match top.inbox.offer(top.serial, hook) {
@@ -854,8 +1010,7 @@ pub(crate) mod task {
                 Err((back, None)) => {
                     // Its connection is gone: a stale entry.
                     hook = back;
-                    map.remove(i);
-                    OPEN.fetch_sub(1, Ordering::Release);
+                    remove(&mut map, i);
                 }
             }
         }
@@ -864,6 +1019,9 @@ pub(crate) mod task {
 
     /// Whether a level of an async connection is open in the current task.
     pub(crate) fn in_transaction() -> bool {
+        if SCOPE.try_with(|scope| scope.borrow().open) == Ok(true) {
+            return true;
+        }
         if OPEN.load(Ordering::Acquire) == 0 {
             return false;
         }

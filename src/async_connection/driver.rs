@@ -4,9 +4,10 @@
 //! what it settled. The states and transitions are documented once, in `src/ledger.rs`.
 //!
 //! What async adds, each at one place here:
-//! - **cancellation**: a `transaction` future dropped inside its closure leaves an
-//!   abandoned mark in the connection's inbox (its task-local `Scope`, `registry::task`); the connection's next operation rolls the
-//!   level back (its rollback hooks run then, once) and statements are refused until it has.
+//! - **cancellation**: a `transaction` future dropped inside its closure, or in the pre-commit
+//!   phase after it, leaves an abandoned mark in the connection's inbox (its task-local
+//!   `Scope`, `registry::task`); the connection's next operation rolls the level back (its
+//!   rollback hooks run then, once) and statements are refused until it has.
 //!   A future dropped while the outermost COMMIT is in flight settles its hooks `Unknown`
 //!   (the in-flight guard in [`commit_level`](AsyncSignalConnection::commit_level));
 //! - **what diesel-async does not notice** (`watch.rs`): PostgreSQL's aborted transaction,
@@ -316,9 +317,23 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
             || (self.book.ledger.depth() > 0 && !self.book.ledger.is_test_transaction())
     }
 
-    /// Begins a level (rows B1-B3).
+    /// Whether [`look`](Self::look) has anything to do: one load and one flag.
+    #[inline]
+    fn needs_look(&self) -> bool {
+        self.watch.probe || self.book.inbox.abandoned().is_some()
+    }
+
+    /// Begins a level (rows B1-B3), opened by the manager alone: it goes in the task map.
     pub(crate) async fn begin_level(&mut self) -> QueryResult<()> {
-        self.look().await;
+        self.begin(false).await
+    }
+
+    /// Begins a level (rows B1-B3); `scoped`: for a `transaction` closure that runs in a
+    /// task-local scope of its own (see `registry::task::Scope`).
+    async fn begin(&mut self, scoped: bool) -> QueryResult<()> {
+        if self.needs_look() {
+            self.look().await;
+        }
         let before = self.sync().unwrap_or(Status::Idle);
         if self.book.ledger.plan(Op::Begin, before) == Plan::Refuse {
             return Err(TransactionAborted::statement_error());
@@ -327,13 +342,19 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         if before.depth() == 0 {
             self.watch.reset();
         }
-        self.book.open_task_level();
+        if scoped {
+            self.book.open_scoped_level();
+        } else {
+            self.book.open_task_level();
+        }
         Ok(())
     }
 
     /// Rolls back the innermost level (rows X1, X2, L2, C5).
     pub(crate) async fn rollback_level(&mut self) -> QueryResult<()> {
-        self.look().await;
+        if self.needs_look() {
+            self.look().await;
+        }
         self.rollback_once().await
     }
 
@@ -398,11 +419,19 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
     /// Commits the innermost level (rows R1-R3, C1-C5, L1), then awaits the `on_commit_async`
     /// futures of a transaction that committed.
     pub(crate) async fn commit_level(&mut self) -> QueryResult<()> {
-        self.look().await;
-        let mut before = match self.sync() {
+        if self.needs_look() {
+            self.look().await;
+        }
+        let before = match self.sync() {
             Some(status) => status,
             None => self.status(),
         };
+        self.commit_from(before, false).await
+    }
+
+    /// `commit_level` once looked and synced, from the inner status `before`; `scoped`: the
+    /// level's scope is running, and is disarmed as a RELEASE is sent.
+    async fn commit_from(&mut self, mut before: Status, scoped: bool) -> QueryResult<()> {
         let lost = self.book.ledger.lost();
         if self.book.ledger.depth() > 1 && lost.is_none() && self.watch.aborted_at.is_some() {
             // PostgreSQL refuses RELEASE in an aborted transaction, and diesel-async would count
@@ -430,6 +459,10 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         let outermost = before.depth() == 1 && plan == Plan::Forward;
         let slot = outermost.then(|| self.book.seal());
         let lost = self.book.ledger.lost().is_some();
+        let release = scoped && plan == Plan::Forward && before.depth() > 1;
+        if release {
+            task::arm(false);
+        }
         let result = {
             // Dropped while COMMIT is in flight: only the server knows (the inner manager
             // marks itself broken, so a pool discards the connection).
@@ -561,6 +594,9 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
     /// Awaits the `on_commit_async` futures of the transaction that just committed, in order.
     /// If this future is dropped first, the rest are spawned (see `on_commit_async`).
     async fn run_after_commit(&mut self) {
+        if !std::mem::take(&mut self.awaits_after_commit) {
+            return;
+        }
         let queue = {
             let mut queue = self.after_commit.lock().unwrap_or_else(|e| e.into_inner());
             if queue.is_empty() {
@@ -595,8 +631,8 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
     }
 
     /// `transaction`: begin, the closure, commit or roll back. A closure that panics has its
-    /// level rolled back before the panic continues; a closure whose future is dropped leaves
-    /// its level abandoned (rolled back at the connection's next operation).
+    /// level rolled back before the panic continues; a future dropped before COMMIT is sent
+    /// leaves its level abandoned (rolled back at the connection's next operation).
     pub(crate) async fn run_transaction<'a, R, E, F>(&mut self, callback: F) -> Result<R, E>
     where
         for<'r> F: AsyncFnOnce(&'r mut Self) -> Result<R, E>
@@ -606,27 +642,51 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         E: From<Error> + Send,
         R: Send,
     {
-        self.begin_level().await?;
+        self.begin(true).await?;
         let depth = self.book.ledger.depth();
-        // The closure runs in a task-local scope: `defer` in it needs no lock, and if this
-        // future is dropped before the closure returns, the scope marks the level abandoned
-        // (see `registry::task::Scope`).
+        let serial = self.book.ledger.innermost_serial();
+        // The level's closure and its end run in a task-local scope: `defer` in it needs no
+        // lock, and if this future is dropped before COMMIT is sent, the scope marks the level
+        // abandoned (see `registry::task::Scope`).
         let scope = task::Scope::new(
             self.book.label.id,
-            self.book.ledger.innermost_serial(),
+            serial,
             depth,
             &self.book.inbox,
             std::mem::take(&mut self.scope_spare),
         );
-        let this = &mut *self;
-        let (result, mut waiting) = task::scoped(scope, async move {
-            let result = catch_panic(callback(this)).await;
-            (result, task::end_scope())
-        })
-        .await;
-        self.book.place_scoped(&mut waiting);
-        self.scope_spare = waiting;
-        let result = match result {
+        let (result, scope) = {
+            let level = task::scoped(scope, self.run_level(callback, depth));
+            let mut level = std::pin::pin!(level);
+            let result = level.as_mut().await;
+            (result, level.as_mut().take_value())
+        };
+        let mut left = task::end_scope(scope);
+        self.book.place_scoped(serial, &mut left);
+        self.scope_spare = left;
+        match result {
+            Ok(result) => result,
+            Err(panic) => resume_unwind(panic),
+        }
+    }
+
+    /// The body of [`run_transaction`](Self::run_transaction), in the level's scope: the
+    /// closure, then COMMIT or ROLLBACK of the level at `depth`. A panic of the closure is
+    /// returned, once the level is rolled back.
+    async fn run_level<'a, R, E, F>(
+        &mut self,
+        callback: F,
+        depth: usize,
+    ) -> Result<Result<R, E>, Box<dyn Any + Send>>
+    where
+        for<'r> F: AsyncFnOnce(&'r mut Self) -> Result<R, E>
+            + AsyncFunc<&'r mut Self, Result<R, E>, Fut: Send>
+            + Send
+            + 'a,
+        E: From<Error> + Send,
+        R: Send,
+    {
+        let result = match catch_panic(callback(self)).await {
             Ok(result) => result,
             Err(panic) => {
                 // As in sync: the level is rolled back (its rollback hooks run) before the
@@ -634,28 +694,38 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
                 let _ = self
                     .rollback_to(depth, "the transaction closure panicked")
                     .await;
-                resume_unwind(panic);
+                return Err(panic);
             }
         };
-        self.sync();
+        if self.needs_look() {
+            self.look().await;
+        }
+        let before = self.sync();
         if self.book.ledger.depth() < depth {
             // The closure ended the level itself (raw manager calls), or the connection broke
             // inside it and every level settled as rolled back.
-            return match result {
+            return Ok(match result {
                 Ok(_) if self.status() == Status::Broken => {
                     Err(Error::BrokenTransactionManager.into())
                 }
                 other => other,
-            };
+            });
         }
-        match result {
-            Ok(value) => match self.commit_level().await {
-                Ok(()) => Ok(value),
-                Err(commit_error) => {
-                    let _ = self.rollback_to(depth, "its commit failed").await;
-                    Err(commit_error.into())
+        Ok(match result {
+            Ok(value) => {
+                let before = before.unwrap_or_else(|| self.status());
+                match self.commit_from(before, true).await {
+                    Ok(()) => Ok(value),
+                    Err(commit_error) => {
+                        if depth > 1 && self.book.ledger.depth() >= depth {
+                            // A failed RELEASE: the rollback below answers for the level.
+                            task::arm(true);
+                        }
+                        let _ = self.rollback_to(depth, "its commit failed").await;
+                        Err(commit_error.into())
+                    }
                 }
-            },
+            }
             Err(user_error) => match self
                 .rollback_to(depth, "the closure returned an error")
                 .await
@@ -663,7 +733,7 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
                 Ok(()) | Err(Error::BrokenTransactionManager) => Err(user_error),
                 Err(rollback_error) => Err(rollback_error.into()),
             },
-        }
+        })
     }
 
     /// Rolls back the transaction levels left open by a `transaction` future that was dropped

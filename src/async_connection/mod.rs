@@ -113,9 +113,12 @@ pub struct AsyncSignalConnection<C> {
     pub(crate) book: Bookkeeping,
     pub(crate) watch: Watch,
     pub(crate) after_commit: AfterCommit,
+    /// `on_commit_async` was called since the last outermost COMMIT: only then is the queue
+    /// looked at after one.
+    pub(crate) awaits_after_commit: bool,
     /// The buffer a `transaction` closure's scope borrows and gives back, so `defer` in the
     /// steady state allocates nothing but the hook's box.
-    pub(crate) scope_spare: crate::registry::LocalBuffer,
+    pub(crate) scope_spare: Vec<crate::hook::Hook>,
 }
 
 impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
@@ -141,6 +144,7 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
             book,
             watch,
             after_commit: AfterCommit::default(),
+            awaits_after_commit: false,
             scope_spare: Default::default(),
         }
     }
@@ -426,6 +430,7 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         R: HookOutput,
     {
         let location = Location::caller();
+        self.awaits_after_commit = true;
         let queue = Arc::clone(&self.after_commit);
         let fut: BoxFuture<'static, Option<String>> =
             Box::pin(async move { fut.await.into_failure() });

@@ -90,12 +90,22 @@ impl Bookkeeping {
         }
     }
 
-    /// Places the hooks an async `transaction` closure's scope still held when the closure
-    /// returned ([`registry::task::end_scope`]); `buffer` is left empty, with its capacity.
+    /// Settles the hooks an async `transaction` level's scope still held when it ended
+    /// ([`registry::task::end_scope`]): `defer`red to level `serial` after a nested closure
+    /// ended it. `buffer` is left empty, with its capacity.
     #[cfg(feature = "async")]
-    pub(crate) fn place_scoped(&mut self, buffer: &mut registry::LocalBuffer) {
+    #[inline]
+    pub(crate) fn place_scoped(&mut self, serial: u64, buffer: &mut Vec<Hook>) {
+        if !buffer.is_empty() {
+            self.place_scoped_slow(serial, buffer);
+        }
+    }
+
+    #[cfg(feature = "async")]
+    #[cold]
+    fn place_scoped_slow(&mut self, serial: u64, buffer: &mut Vec<Hook>) {
         let mut stranded = Vec::new();
-        buffer.take(self.label.id, &mut self.ledger, &mut stranded);
+        registry::task::place(serial, buffer, &mut self.ledger, &mut stranded);
         for (serial, hook) in stranded {
             self.settle_stranded(serial, hook);
         }
@@ -131,7 +141,11 @@ impl Bookkeeping {
             _ => hook,
         };
         let (outcome, why) = match fate {
-            Some(Some(outcome)) => (outcome, "its transaction level ended on another thread"),
+            Some(Some(outcome)) => (
+                outcome,
+                "its transaction level ended where the closure that deferred it could not see \
+                 (another thread, a nested closure)",
+            ),
             _ => (
                 Outcome::Unknown,
                 "it was deferred to a transaction level that ended where its thread could not see",
@@ -173,14 +187,23 @@ impl Bookkeeping {
             .open(|serial| registry::enter(id, serial, (!local).then_some(inbox)))
     }
 
-    /// Opens a level of an async connection: registered in the task map under the current task
-    /// (see [`registry`]). Returns its serial and slot.
+    /// Opens a level of an async connection, opened by the manager alone: registered in the
+    /// task map under the current task (see [`registry`]). Returns its serial and slot.
     #[cfg(feature = "async")]
     pub(crate) fn open_task_level(&mut self) -> (u64, Slot) {
         self.before_open();
         let (id, inbox) = (self.label.id, &self.inbox);
         self.ledger
             .open(|serial| registry::task::enter(id, serial, inbox))
+    }
+
+    /// Opens a level of an async connection whose `transaction` closure runs in a task-local
+    /// scope of its own ([`registry::task::Scope`]). Returns its serial and slot.
+    #[cfg(feature = "async")]
+    #[inline]
+    pub(crate) fn open_scoped_level(&mut self) -> (u64, Slot) {
+        self.before_open();
+        self.ledger.open(|_| registry::task::enter_scoped())
     }
 
     /// What a new outermost transaction starts from (nothing to do for a savepoint).
@@ -467,9 +490,7 @@ fn exit_level(
     level: Level<Slot>,
     fate: Option<Outcome>,
 ) {
-    if !registry::exit(id, level.serial, level.slot, inbox)
-        && matches!(level.slot, Slot::Local { .. })
-    {
+    if !registry::exit(id, level.serial, level.slot, inbox) && level.slot.remembers_fate() {
         remember_ended(ended_elsewhere, level.serial, fate);
     }
 }

@@ -338,6 +338,156 @@ async fn defer_takes_the_innermost_level<B: Backend>() {
     rec.take();
 }
 
+/// `defer!` and `in_transaction()` follow the task's innermost level through every phase of
+/// an async transaction: in `before_commit` work (the committing level), in a rolled-back
+/// savepoint's rollback hook and after a nested closure ended its own level (the enclosing
+/// level), after a raw level that hid the closure closed inside a nested closure (the closure's
+/// level again).
+async fn defer_follows_the_level_through_every_phase<B: Backend>() {
+    use diesel_async::TransactionManager;
+    use diesel_transaction_signals::in_transaction;
+    type Manager<B> = <AsyncSignalConnection<B> as AsyncConnection>::TransactionManager;
+    let mut c = B::connect().await;
+    let mut other = B::connect().await;
+    let rec = Recorder::new();
+    let r = rec.clone();
+    assert!(!in_transaction());
+    c.transaction(async |c| {
+        assert!(in_transaction());
+        c.on_commit(r.hook("first"));
+        let r2 = r.clone();
+        c.before_commit(move |_| {
+            Box::pin(async move {
+                assert!(in_transaction(), "before_commit work runs inside the level");
+                defer(r2.hook("deferred-in-before-commit"));
+                Ok(())
+            })
+        })?;
+        let r3 = r.clone();
+        let inner = c
+            .transaction(async |c| {
+                c.on_rollback(move || defer(r3.hook("deferred-by-a-rollback-hook")));
+                Err::<(), _>(Error::RollbackTransaction)
+            })
+            .await;
+        assert!(inner.is_err());
+        c.transaction(async |c| {
+            Manager::<B>::commit_transaction(c).await?;
+            assert!(in_transaction(), "the enclosing level is still open");
+            defer(r.hook("deferred-after-the-nested-level-ended"));
+            QueryResult::Ok(())
+        })
+        .await?;
+        // A raw level of another connection hides this closure's level, and closes inside a
+        // nested closure: this closure's level is the innermost again afterwards.
+        Manager::<B>::begin_transaction(&mut other).await?;
+        c.transaction(async |_| {
+            Manager::<B>::commit_transaction(&mut other).await?;
+            QueryResult::Ok(())
+        })
+        .await?;
+        defer(r.hook("deferred-after-the-hiding-level-closed"));
+        assert!(r.get().is_empty(), "nothing ran before COMMIT");
+        QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+    assert!(!in_transaction());
+    assert_eq!(
+        rec.take(),
+        [
+            "first",
+            "deferred-by-a-rollback-hook",
+            "deferred-after-the-nested-level-ended",
+            "deferred-after-the-hiding-level-closed",
+            "deferred-in-before-commit",
+        ]
+    );
+}
+
+/// A `transaction` future dropped while its `before_commit` work is awaited: nothing was
+/// committed, so no commit hook runs; the connection's next operation rolls the level back and
+/// runs the rollback hooks, once.
+async fn cancelled_before_commit<B: Backend>() {
+    let mut c = B::connect().await;
+    let tag = unique_tag("cancel-before-commit");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
+    {
+        let fut = c.transaction(async |c| {
+            B::exec(c, &insert(&tag, 1)).await?;
+            c.on_commit(r.hook("commit"));
+            c.on_rollback(r.hook("rollback"));
+            c.before_commit(move |_| {
+                Box::pin(async move {
+                    entered_tx.send(()).unwrap();
+                    std::future::pending::<QueryResult<()>>().await
+                })
+            })?;
+            QueryResult::Ok(())
+        });
+        tokio::select! {
+            _ = fut => panic!("the before_commit work never finishes"),
+            _ = async { entered_rx.await.unwrap() } => {}
+        }
+    }
+    assert!(
+        rec.get().is_empty(),
+        "nothing settles before the next operation"
+    );
+    c.roll_back_abandoned().await.unwrap();
+    assert_eq!(rec.take(), ["rollback"]);
+    assert_eq!(c.transaction_depth(), 0);
+    assert_eq!(B::count(&mut c, &tag).await, 0, "the work was rolled back");
+    c.transaction(async |_| QueryResult::Ok(())).await.unwrap();
+    assert!(rec.take().is_empty(), "settled once");
+}
+
+/// Pre-commit work offered while the outermost COMMIT is in flight (from an `Instrumentation`
+/// callback) is refused, as in sync: it could never run inside that transaction, and is never
+/// accepted and lost.
+async fn pre_commit_work_offered_while_commit_is_in_flight_is_refused<B: Backend>() {
+    use diesel::connection::InstrumentationEvent;
+    use diesel_transaction_signals::{defer_before_commit, DeferError};
+    use std::sync::Mutex;
+    let mut c = B::connect().await;
+    let seen: Arc<Mutex<Vec<Result<(), DeferError>>>> = Arc::default();
+    let s = seen.clone();
+    c.set_instrumentation(move |event: InstrumentationEvent<'_>| {
+        if let InstrumentationEvent::CommitTransaction { depth, .. } = event {
+            if depth.get() == 1 {
+                s.lock().unwrap().push(defer_before_commit(|_| Ok(())));
+            }
+        }
+    });
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    c.transaction(async |_| {
+        defer_before_commit(move |_| {
+            r.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+        QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        AtomicUsize::load(&ran, Ordering::SeqCst),
+        1,
+        "offered in time, it ran"
+    );
+    // `SyncConnectionWrapper` runs SQLite's COMMIT, and the callback with it, on a blocking
+    // thread, outside the task: no transaction is open there.
+    let why = if std::any::TypeId::of::<B>() == std::any::TypeId::of::<Sqlite>() {
+        DeferError::NoTransaction
+    } else {
+        DeferError::CommitInFlight
+    };
+    assert_eq!(*seen.lock().unwrap(), [Err(why)]);
+}
+
 /// A `transaction` future dropped inside its closure after `defer!`s: the deferred commit
 /// hooks never run, and the hooks registered after them on the connection are settled with the
 /// abandoned level's rollback, once.
@@ -744,6 +894,16 @@ macro_rules! scenarios {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn defer_takes_the_innermost_level() {
                 super::defer_takes_the_innermost_level::<$ty>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn defer_follows_the_level_through_every_phase() {
+                super::defer_follows_the_level_through_every_phase::<$ty>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cancelled_before_commit() { super::cancelled_before_commit::<$ty>().await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pre_commit_work_offered_while_commit_is_in_flight_is_refused() {
+                super::pre_commit_work_offered_while_commit_is_in_flight_is_refused::<$ty>().await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn cancelled_after_defer() { super::cancelled_after_defer::<$ty>().await }
