@@ -9,18 +9,23 @@
 //! ```
 //!
 //! Modes: `sqlite-plain`, `sqlite-wrapper` (sync, in memory), `async-pg-plain`,
-//! `async-pg-wrapper` (diesel-async over `DTS_PG_URL`, one `current_thread` runtime, the loop in
-//! one task as in `benches/overhead.rs`). Per-transaction figures: run with two counts (say
+//! `async-pg-wrapper` (diesel-async over `DTS_PG_URL`), `async-sqlite-plain`,
+//! `async-sqlite-wrapper` (`SyncConnectionWrapper<SqliteConnection>` in memory); the async modes
+//! on one `current_thread` runtime, the loop in one task as in `benches/overhead.rs`. Per-transaction figures: run with two counts (say
 //! 1,000 and 3,000) and divide the difference by 2,000, which cancels the set-up.
 
 use diesel::prelude::*;
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use diesel_transaction_signals::{AsyncSignalConnection, SignalConnection};
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(mode), Some(n)) = (args.next(), args.next()) else {
-        eprintln!("usage: tx_loop sqlite-plain|sqlite-wrapper|async-pg-plain|async-pg-wrapper N");
+        eprintln!(
+            "usage: tx_loop sqlite-plain|sqlite-wrapper|async-pg-plain|async-pg-wrapper|\
+             async-sqlite-plain|async-sqlite-wrapper N"
+        );
         std::process::exit(2);
     };
     let n: u32 = n.parse().expect("N: a number of transactions");
@@ -48,6 +53,32 @@ fn main() {
                 let conn = AsyncPgConnection::establish(&url).await.unwrap();
                 tokio::task::spawn_local(async move {
                     if mode == "async-pg-plain" {
+                        let mut c = conn;
+                        for _ in 0..n {
+                            c.transaction(async |_| QueryResult::Ok(())).await.unwrap();
+                        }
+                    } else {
+                        let mut c = AsyncSignalConnection::new(conn);
+                        for _ in 0..n {
+                            c.transaction(async |_| QueryResult::Ok(())).await.unwrap();
+                        }
+                    }
+                })
+                .await
+                .unwrap();
+            });
+        }
+        "async-sqlite-plain" | "async-sqlite-wrapper" => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let conn: SyncConnectionWrapper<SqliteConnection> =
+                    SyncConnectionWrapper::new(SqliteConnection::establish(":memory:").unwrap());
+                tokio::task::spawn_local(async move {
+                    if mode == "async-sqlite-plain" {
                         let mut c = conn;
                         for _ in 0..n {
                             c.transaction(async |_| QueryResult::Ok(())).await.unwrap();

@@ -938,18 +938,23 @@ pub(crate) mod task {
     }
 
     /// Moves the hooks that the scope running in this task holds for `conn` into `ledger`
-    /// (those whose level has ended into `stranded`, with its serial).
+    /// (those whose level has ended into `stranded`, with its serial). Returns whether that
+    /// scope is one of `conn`'s.
     pub(crate) fn take_scoped(
         conn: ConnectionId,
         ledger: &mut Ledger<Slot>,
         stranded: &mut Vec<(u64, Hook)>,
-    ) {
-        let _ = SCOPE.try_with(|scope| {
-            let scope = &mut *scope.borrow_mut();
-            if scope.conn == conn {
-                place(scope.serial, &mut scope.buffer, ledger, stranded);
-            }
-        });
+    ) -> bool {
+        SCOPE
+            .try_with(|scope| {
+                let scope = &mut *scope.borrow_mut();
+                let own = scope.conn == conn;
+                if own {
+                    place(scope.serial, &mut scope.buffer, ledger, stranded);
+                }
+                own
+            })
+            .unwrap_or(false)
     }
 
     /// Moves `buffer`'s hooks, `defer`red to level `serial`, into `ledger` (into `stranded`

@@ -697,6 +697,9 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
                 return Err(panic);
             }
         };
+        // What the closure `defer`red waits in the scope, unless an operation of the connection
+        // took it already; it joins the level before anything ends it.
+        self.book.take_own_scope();
         if self.needs_look() {
             self.look().await;
         }

@@ -405,6 +405,42 @@ async fn defer_follows_the_level_through_every_phase<B: Backend>() {
     );
 }
 
+/// Hooks `defer`red in a closure wait in its scope while a nested closure of another
+/// connection runs, even when that closure operates on the first connection: they still join
+/// the level before its COMMIT and run after it.
+async fn deferred_hooks_survive_another_connections_closure<B: Backend>() {
+    let mut c = B::connect().await;
+    let mut other = B::connect().await;
+    let rec = Recorder::new();
+    let r = rec.clone();
+    c.transaction(async |c| {
+        defer(r.hook("deferred"));
+        other
+            .transaction(async |_| {
+                c.on_commit(r.hook("registered-inside-the-other-closure"));
+                c.transaction(async |_| {
+                    defer(r.hook("deferred-in-a-savepoint-inside-it"));
+                    QueryResult::Ok(())
+                })
+                .await
+            })
+            .await?;
+        QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+    let mut ran = rec.take();
+    ran.sort();
+    assert_eq!(
+        ran,
+        [
+            "deferred",
+            "deferred-in-a-savepoint-inside-it",
+            "registered-inside-the-other-closure"
+        ]
+    );
+}
+
 /// A `transaction` future dropped while its `before_commit` work is awaited: nothing was
 /// committed, so no commit hook runs; the connection's next operation rolls the level back and
 /// runs the rollback hooks, once.
@@ -898,6 +934,10 @@ macro_rules! scenarios {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn defer_follows_the_level_through_every_phase() {
                 super::defer_follows_the_level_through_every_phase::<$ty>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn deferred_hooks_survive_another_connections_closure() {
+                super::deferred_hooks_survive_another_connections_closure::<$ty>().await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn cancelled_before_commit() { super::cancelled_before_commit::<$ty>().await }
