@@ -78,9 +78,10 @@ pub(crate) struct Inbox {
     /// dropped before it ended (0: none), for the connection's next operation to roll back.
     #[cfg(feature = "async")]
     abandoned: std::sync::atomic::AtomicUsize,
-    /// Async connections: hooks may wait in the [`task::Scope`] of a `transaction` closure.
+    /// Async connections: how many of its [`task::Scope`]s hold hooks (a scope counts from the
+    /// first hook put in its empty buffer until the buffer is emptied).
     #[cfg(feature = "async")]
-    scoped: AtomicBool,
+    scoped: std::sync::atomic::AtomicUsize,
     /// Async connections: how many of its levels are in the task map (a closed level looks
     /// there only if some are).
     #[cfg(feature = "async")]
@@ -107,26 +108,25 @@ impl Inbox {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// Whether hooks may wait in a `transaction` closure's scope (async connections).
+    /// Whether hooks wait in a `transaction` level's scope (async connections): one load.
     #[cfg(feature = "async")]
     #[inline]
     pub(crate) fn has_scoped(&self) -> bool {
-        self.scoped.load(Ordering::Acquire)
+        self.scoped.load(Ordering::Acquire) != 0
     }
 
-    /// Forgets [`has_scoped`](Self::has_scoped), before the connection takes them.
-    #[cfg(feature = "async")]
-    pub(crate) fn clear_scoped(&self) {
-        self.scoped.store(false, Ordering::Release);
-    }
-
-    /// Notes that a hook waits in a closure's scope: a store only for the first one.
+    /// Notes that a scope's empty buffer got a hook.
     #[cfg(feature = "async")]
     #[inline]
     fn note_scoped(&self) {
-        if !self.scoped.load(Ordering::Relaxed) {
-            self.scoped.store(true, Ordering::Release);
-        }
+        self.scoped.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Notes that a scope's buffer was emptied.
+    #[cfg(feature = "async")]
+    #[inline]
+    fn took_scoped(&self) {
+        self.scoped.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Swaps the waiting hooks, if any, into `into` (empty), which leaves `into`'s buffer here
@@ -814,14 +814,15 @@ pub(crate) mod task {
     ///   (`in_map`): the map's path finds it when that one has closed, or when the closure
     ///   ended a nested level itself;
     /// - the connection takes the buffer's hooks into its ledger at its next operation in this
-    ///   task (the inbox's `scoped` flag says there are some) and when the closure returns, so
-    ///   registration order is kept;
+    ///   task while the scope runs (the inbox counts the scopes whose buffer holds hooks, so
+    ///   one load says whether to look), and so when the closure returns: registration order
+    ///   is kept, and a scope hidden behind another one keeps its hooks until it runs again;
     /// - dropped while `armed` (until a RELEASE is sent; a dropped COMMIT closes the level as
     ///   `Unknown` in the connection's in-flight guard) with the level still open (a cancelled
-    ///   `transaction` future),
-    ///   it marks the level abandoned and hands what it still holds to the connection's inbox:
-    ///   the rollback of the abandoned level settles them. (The inbox cannot be closed then:
-    ///   the dropped future borrowed the connection. Were it refused, the hooks would be
+    ///   `transaction` future), it marks the level abandoned, and the rollback of the abandoned
+    ///   level settles its hooks; dropped with hooks in its buffer (armed or not), it hands them
+    ///   to the connection's inbox, for their level or its fate. (The inbox cannot be closed
+    ///   then: the dropped future borrowed the connection. Were it refused, the hooks would be
     ///   settled `Unknown` with a log line, never dropped unseen.)
     pub(crate) struct Scope {
         conn: ConnectionId,
@@ -868,14 +869,19 @@ pub(crate) mod task {
 
     impl Drop for Scope {
         fn drop(&mut self) {
-            if !(self.armed && self.open) {
+            if self.armed && self.open {
+                // The future was dropped before the level ended: the least that is safe
+                // without the connection (which the dropped future borrowed) is a mark in the
+                // inbox, and the waiting hooks handed to it; the rollback needs I/O and happens
+                // at the connection's next operation.
+                self.inbox.abandon(self.depth);
+            }
+            if self.buffer.is_empty() {
                 return;
             }
-            // The future was dropped before the level ended: the least that is safe without
-            // the connection (which the dropped future borrowed) is a mark in the inbox, and the
-            // waiting hooks handed to it; the rollback needs I/O and happens at the
-            // connection's next operation.
-            self.inbox.abandon(self.depth);
+            // Dropped with hooks waiting (cancelled, or while a RELEASE was in flight): the
+            // connection places them at its next operation, with their level or its fate.
+            self.inbox.took_scoped();
             for hook in std::mem::take(&mut self.buffer) {
                 if let Err((hook, _)) = self.inbox.offer(self.serial, hook) {
                     settle_all(
@@ -913,6 +919,9 @@ pub(crate) mod task {
             Some(scope) => {
                 let mut scope = scope.into_inner();
                 scope.armed = false;
+                if !scope.buffer.is_empty() {
+                    scope.inbox.took_scoped();
+                }
                 std::mem::take(&mut scope.buffer)
             }
             None => Vec::new(),
@@ -929,8 +938,11 @@ pub(crate) mod task {
                 if !scope.open || scope.hidden != 0 {
                     return None;
                 }
-                scope.buffer.push(slot.take()?);
-                scope.inbox.note_scoped();
+                let hook = slot.take()?;
+                if scope.buffer.is_empty() {
+                    scope.inbox.note_scoped();
+                }
+                scope.buffer.push(hook);
                 Some(scope.conn)
             })
             .ok()
@@ -938,23 +950,20 @@ pub(crate) mod task {
     }
 
     /// Moves the hooks that the scope running in this task holds for `conn` into `ledger`
-    /// (those whose level has ended into `stranded`, with its serial). Returns whether that
-    /// scope is one of `conn`'s.
+    /// (those whose level has ended into `stranded`, with its serial).
     pub(crate) fn take_scoped(
         conn: ConnectionId,
         ledger: &mut Ledger<Slot>,
         stranded: &mut Vec<(u64, Hook)>,
-    ) -> bool {
-        SCOPE
-            .try_with(|scope| {
-                let scope = &mut *scope.borrow_mut();
-                let own = scope.conn == conn;
-                if own {
-                    place(scope.serial, &mut scope.buffer, ledger, stranded);
-                }
-                own
-            })
-            .unwrap_or(false)
+    ) {
+        let _ = SCOPE.try_with(|scope| {
+            let scope = &mut *scope.borrow_mut();
+            if scope.conn != conn || scope.buffer.is_empty() {
+                return;
+            }
+            place(scope.serial, &mut scope.buffer, ledger, stranded);
+            scope.inbox.took_scoped();
+        });
     }
 
     /// Moves `buffer`'s hooks, `defer`red to level `serial`, into `ledger` (into `stranded`

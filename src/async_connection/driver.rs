@@ -325,29 +325,32 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
 
     /// Begins a level (rows B1-B3), opened by the manager alone: it goes in the task map.
     pub(crate) async fn begin_level(&mut self) -> QueryResult<()> {
-        self.begin(false).await
-    }
-
-    /// Begins a level (rows B1-B3); `scoped`: for a `transaction` closure that runs in a
-    /// task-local scope of its own (see `registry::task::Scope`).
-    async fn begin(&mut self, scoped: bool) -> QueryResult<()> {
         if self.needs_look() {
             self.look().await;
         }
+        let before = self.plan_begin()?;
+        C::TransactionManager::begin_transaction(&mut self.inner).await?;
+        self.begun(before);
+        self.book.open_task_level();
+        Ok(())
+    }
+
+    /// Before BEGIN: the inner status, or the refusal of a level the ledger does not allow.
+    #[inline]
+    fn plan_begin(&mut self) -> QueryResult<Status> {
         let before = self.sync().unwrap_or(Status::Idle);
         if self.book.ledger.plan(Op::Begin, before) == Plan::Refuse {
             return Err(TransactionAborted::statement_error());
         }
-        C::TransactionManager::begin_transaction(&mut self.inner).await?;
+        Ok(before)
+    }
+
+    /// After a successful BEGIN from `before`, before the level is opened in the ledger.
+    #[inline]
+    fn begun(&mut self, before: Status) {
         if before.depth() == 0 {
             self.watch.reset();
         }
-        if scoped {
-            self.book.open_scoped_level();
-        } else {
-            self.book.open_task_level();
-        }
-        Ok(())
     }
 
     /// Rolls back the innermost level (rows X1, X2, L2, C5).
@@ -509,7 +512,9 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         let result = self.commit_settled(plan, before, result, dead);
         if self.book.ledger.depth() == 0 {
             self.watch.reset();
-            self.run_after_commit().await;
+            if self.awaits_after_commit {
+                self.run_after_commit().await;
+            }
         }
         result
     }
@@ -594,9 +599,7 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
     /// Awaits the `on_commit_async` futures of the transaction that just committed, in order.
     /// If this future is dropped first, the rest are spawned (see `on_commit_async`).
     async fn run_after_commit(&mut self) {
-        if !std::mem::take(&mut self.awaits_after_commit) {
-            return;
-        }
+        self.awaits_after_commit = false;
         let queue = {
             let mut queue = self.after_commit.lock().unwrap_or_else(|e| e.into_inner());
             if queue.is_empty() {
@@ -642,7 +645,15 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         E: From<Error> + Send,
         R: Send,
     {
-        self.begin(true).await?;
+        // `begin_level`, written out (one future less per transaction), for a level whose
+        // closure runs in a scope of its own.
+        if self.needs_look() {
+            self.look().await;
+        }
+        let before = self.plan_begin()?;
+        C::TransactionManager::begin_transaction(&mut self.inner).await?;
+        self.begun(before);
+        self.book.open_scoped_level();
         let depth = self.book.ledger.depth();
         let serial = self.book.ledger.innermost_serial();
         // The level's closure and its end run in a task-local scope: `defer` in it needs no
@@ -697,12 +708,11 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
                 return Err(panic);
             }
         };
-        // What the closure `defer`red waits in the scope, unless an operation of the connection
-        // took it already; it joins the level before anything ends it.
-        self.book.take_own_scope();
         if self.needs_look() {
             self.look().await;
         }
+        // What the closure `defer`red and no operation of the connection took yet joins the
+        // level here (`sync` takes it from the scope), before anything ends the level.
         let before = self.sync();
         if self.book.ledger.depth() < depth {
             // The closure ended the level itself (raw manager calls), or the connection broke

@@ -82,21 +82,8 @@ impl Bookkeeping {
     #[cfg(feature = "async")]
     #[cold]
     fn take_scoped(&mut self) {
-        self.take_own_scope();
-    }
-
-    /// Takes the hooks waiting in the scope running in this task, if it is one of this
-    /// connection's levels (as the closure of that level returns, whatever the inbox's flag
-    /// says: a nested closure of another connection may have cleared it). The flag is
-    /// cleared only then: hooks waiting in a scope hidden behind another one are taken when
-    /// it runs again.
-    #[cfg(feature = "async")]
-    #[inline]
-    pub(crate) fn take_own_scope(&mut self) {
         let mut stranded = Vec::new();
-        if registry::task::take_scoped(self.label.id, &mut self.ledger, &mut stranded) {
-            self.inbox.clear_scoped();
-        }
+        registry::task::take_scoped(self.label.id, &mut self.ledger, &mut stranded);
         for (serial, hook) in stranded {
             self.settle_stranded(serial, hook);
         }
