@@ -116,8 +116,8 @@ own (a deadlock, a statement that rolled the whole transaction back, or a raw CO
 and running it now would run it outside the transaction the caller believes open; end the \
 transaction (return the error) first";
     const ABANDONED: &'static str = "statement refused: a `transaction` future on this \
-connection was dropped inside its closure (a timeout, a cancelled request), and its transaction \
-is still open on the server; running the statement now would run it inside that transaction. It \
+connection was dropped before its COMMIT was sent (a timeout, a cancelled request), and its \
+transaction is still open on the server; running the statement now would run it inside that transaction. It \
 is rolled back (rollback hooks run) by the connection's next transaction operation or \
 `batch_execute`, or by `AsyncSignalConnection::roll_back_abandoned`";
     const HINT: &'static str =

@@ -207,8 +207,9 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
             if self.book.ledger.depth() >= depth {
                 log::warn!(
                     target: "diesel_transaction_signals",
-                    "connection {}: a transaction future was dropped inside its closure; rolling \
-                     back level {depth} and above before the connection is used again",
+                    "connection {}: a transaction future was dropped before its COMMIT was \
+                     sent; rolling back level {depth} and above before the connection is used \
+                     again",
                     self.book.label
                 );
                 let _ = self
@@ -750,7 +751,7 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
     }
 
     /// Rolls back the transaction levels left open by a `transaction` future that was dropped
-    /// inside its closure (their rollback hooks run now), if there are any. The connection's
+    /// before its COMMIT was sent (their rollback hooks run now), if there are any. The connection's
     /// next transaction operation and `batch_execute` do this on their own; statements are
     /// refused until it is done.
     ///

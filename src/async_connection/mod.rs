@@ -68,8 +68,8 @@ type AfterCommit = Arc<
 ///   open **in the current tokio task** (across `.await` points and worker threads); a spawned
 ///   task does not inherit it.
 ///
-/// A `transaction` future dropped inside its closure (a timeout, a client that hung up) never
-/// runs a commit hook: the connection rolls the work back at its next operation, and its
+/// A `transaction` future dropped inside its closure or while its `before_commit` work runs (a
+/// timeout, a client that hung up) never runs a commit hook: the connection rolls the work back at its next operation, and its
 /// rollback hooks run then, once; a pool discards it instead (it reports itself broken while
 /// a transaction is open). Dropped while COMMIT is in flight, its hooks settle
 /// [`Outcome::Unknown`].
