@@ -11,8 +11,9 @@
 //! Modes: `sqlite-plain`, `sqlite-wrapper` (sync, in memory), `async-pg-plain`,
 //! `async-pg-wrapper` (diesel-async over `DTS_PG_URL`), `async-sqlite-plain`,
 //! `async-sqlite-wrapper` (`SyncConnectionWrapper<SqliteConnection>` in memory); the async modes
-//! on one `current_thread` runtime, the loop in one task as in `benches/overhead.rs`. Per-transaction figures: run with two counts (say
-//! 1,000 and 3,000) and divide the difference by 2,000, which cancels the set-up.
+//! on one `current_thread` runtime, the loop in one task as in `benches/overhead.rs`.
+//! Per-transaction figures: run with two counts (say 1,000 and 3,000) and divide the difference
+//! by 2,000, which cancels the set-up.
 
 use diesel::prelude::*;
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
