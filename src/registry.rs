@@ -799,7 +799,7 @@ pub(crate) mod task {
 
     tokio::task_local! {
         /// The [`Scope`] of the async `transaction` running in this task.
-        static SCOPE: RefCell<Scope>;
+        static SCOPE: RefCell<Box<Scope>>;
     }
 
     /// The state of an async connection's `transaction` level, carried by its task across
@@ -844,25 +844,43 @@ pub(crate) mod task {
     }
 
     impl Scope {
-        /// The scope of `conn`'s level `serial` (at `depth`), with `buffer` (the connection's
-        /// spare, empty, to keep its capacity).
+        /// The scope of `conn`'s level `serial` (at `depth`), in the connection's `spare` box
+        /// when it has one (an ended scope, its buffer empty with its capacity, its inbox
+        /// handle kept): once the connection has one, a transaction allocates nothing and
+        /// moves two words in and out of the task-local at each poll.
         pub(crate) fn new(
             conn: ConnectionId,
             serial: u64,
             depth: usize,
             inbox: &Arc<Inbox>,
-            buffer: Vec<Hook>,
-        ) -> Scope {
-            Scope {
-                conn,
-                serial,
-                inbox: Arc::clone(inbox),
-                depth,
-                armed: true,
-                open: true,
-                in_map: false,
-                hidden: 0,
-                buffer,
+            spare: Option<Box<Scope>>,
+        ) -> Box<Scope> {
+            match spare {
+                Some(mut scope) => {
+                    debug_assert!(scope.buffer.is_empty() && !scope.armed);
+                    if !Arc::ptr_eq(&scope.inbox, inbox) {
+                        scope.inbox = Arc::clone(inbox);
+                    }
+                    scope.conn = conn;
+                    scope.serial = serial;
+                    scope.depth = depth;
+                    scope.armed = true;
+                    scope.open = true;
+                    scope.in_map = false;
+                    scope.hidden = 0;
+                    scope
+                }
+                None => Box::new(Scope {
+                    conn,
+                    serial,
+                    inbox: Arc::clone(inbox),
+                    depth,
+                    armed: true,
+                    open: true,
+                    in_map: false,
+                    hidden: 0,
+                    buffer: Vec::new(),
+                }),
             }
         }
     }
@@ -898,9 +916,9 @@ pub(crate) mod task {
     /// Runs `fut`, a `transaction` level's future, in `scope`; once it is done, the future
     /// gives the scope back (`take_value`) for [`end_scope`].
     pub(crate) fn scoped<F: Future>(
-        scope: Scope,
+        scope: Box<Scope>,
         fut: F,
-    ) -> tokio::task::futures::TaskLocalFuture<RefCell<Scope>, F> {
+    ) -> tokio::task::futures::TaskLocalFuture<RefCell<Box<Scope>>, F> {
         SCOPE.scope(RefCell::new(scope), fut)
     }
 
@@ -911,21 +929,23 @@ pub(crate) mod task {
         let _ = SCOPE.try_with(|scope| scope.borrow_mut().armed = armed);
     }
 
-    /// Ends `scope`, given back by its finished future: returns its buffer, which still holds
-    /// what the scope did not hand over (nothing, unless hooks were `defer`red to a level that
-    /// a nested closure ended), for the connection to settle and to keep its capacity.
-    pub(crate) fn end_scope(scope: Option<RefCell<Scope>>) -> Vec<Hook> {
-        match scope {
-            Some(scope) => {
-                let mut scope = scope.into_inner();
-                scope.armed = false;
-                if !scope.buffer.is_empty() {
-                    scope.inbox.took_scoped();
-                }
-                std::mem::take(&mut scope.buffer)
-            }
-            None => Vec::new(),
-        }
+    /// Ends `scope`, given back by its finished future: returns it, disarmed and empty, as the
+    /// connection's spare, and what its buffer still held (nothing, unless hooks were
+    /// `defer`red to a level that a nested closure ended), for the connection to settle.
+    pub(crate) fn end_scope(scope: Option<RefCell<Box<Scope>>>) -> (Option<Box<Scope>>, Vec<Hook>) {
+        let Some(scope) = scope else {
+            return (None, Vec::new());
+        };
+        let mut scope = scope.into_inner();
+        scope.armed = false;
+        scope.open = false;
+        let left = if scope.buffer.is_empty() {
+            Vec::new()
+        } else {
+            scope.inbox.took_scoped();
+            std::mem::take(&mut scope.buffer)
+        };
+        (Some(scope), left)
     }
 
     /// `defer`'s lock-free path: puts the hook in `slot` into the buffer of the scope running

@@ -665,7 +665,7 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
             serial,
             depth,
             &self.book.inbox,
-            std::mem::take(&mut self.scope_spare),
+            self.scope_spare.pop(),
         );
         let (result, scope) = {
             let level = task::scoped(scope, self.run_level(callback, depth));
@@ -673,9 +673,9 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
             let result = level.as_mut().await;
             (result, level.as_mut().take_value())
         };
-        let mut left = task::end_scope(scope);
+        let (spare, mut left) = task::end_scope(scope);
         self.book.place_scoped(serial, &mut left);
-        self.scope_spare = left;
+        self.scope_spare.extend(spare);
         match result {
             Ok(result) => result,
             Err(panic) => resume_unwind(panic),

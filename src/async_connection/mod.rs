@@ -116,9 +116,13 @@ pub struct AsyncSignalConnection<C> {
     /// `on_commit_async` was called since the last outermost COMMIT: only then is the queue
     /// looked at after one.
     pub(crate) awaits_after_commit: bool,
-    /// The buffer a `transaction` closure's scope borrows and gives back, so `defer` in the
-    /// steady state allocates nothing but the hook's box.
-    pub(crate) scope_spare: Vec<crate::hook::Hook>,
+    /// The scopes `transaction` levels borrow and give back (their boxes, their buffers'
+    /// capacity, their inbox handles), one per nesting level reached, so a transaction
+    /// allocates nothing and `defer` in the steady state nothing but the hook's box. A scope
+    /// dropped with its future is not given back (the next level at that depth boxes anew).
+    // Boxed on purpose: the box is what moves in and out of the task-local at every poll.
+    #[allow(clippy::vec_box)]
+    pub(crate) scope_spare: Vec<Box<crate::registry::task::Scope>>,
 }
 
 impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
