@@ -45,54 +45,15 @@ fn main() {
         }
         "async-pg-plain" | "async-pg-wrapper" => {
             let url = std::env::var("DTS_PG_URL").expect("DTS_PG_URL");
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async move {
-                let conn = AsyncPgConnection::establish(&url).await.unwrap();
-                tokio::task::spawn_local(async move {
-                    if mode == "async-pg-plain" {
-                        let mut c = conn;
-                        for _ in 0..n {
-                            c.transaction(async |_| QueryResult::Ok(())).await.unwrap();
-                        }
-                    } else {
-                        let mut c = AsyncSignalConnection::new(conn);
-                        for _ in 0..n {
-                            c.transaction(async |_| QueryResult::Ok(())).await.unwrap();
-                        }
-                    }
-                })
-                .await
-                .unwrap();
+            async_loop(mode.ends_with("wrapper"), n, async move || {
+                AsyncPgConnection::establish(&url).await.unwrap()
             });
         }
         "async-sqlite-plain" | "async-sqlite-wrapper" => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async move {
-                let conn: SyncConnectionWrapper<SqliteConnection> =
-                    SyncConnectionWrapper::new(SqliteConnection::establish(":memory:").unwrap());
-                tokio::task::spawn_local(async move {
-                    if mode == "async-sqlite-plain" {
-                        let mut c = conn;
-                        for _ in 0..n {
-                            c.transaction(async |_| QueryResult::Ok(())).await.unwrap();
-                        }
-                    } else {
-                        let mut c = AsyncSignalConnection::new(conn);
-                        for _ in 0..n {
-                            c.transaction(async |_| QueryResult::Ok(())).await.unwrap();
-                        }
-                    }
-                })
-                .await
-                .unwrap();
+            async_loop(mode.ends_with("wrapper"), n, async || {
+                SyncConnectionWrapper::<SqliteConnection>::new(
+                    SqliteConnection::establish(":memory:").unwrap(),
+                )
             });
         }
         other => {
@@ -100,4 +61,36 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// N empty transactions on the connection `connect` makes (wrapped when `wrap`), in one task
+/// on a `current_thread` runtime, as `benches/overhead.rs` runs them.
+fn async_loop<C, F>(wrap: bool, n: u32, connect: F)
+where
+    C: AsyncConnection + 'static,
+    F: AsyncFnOnce() -> C + 'static,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let conn = connect().await;
+        tokio::task::spawn_local(async move {
+            if wrap {
+                let mut c = AsyncSignalConnection::new(conn);
+                for _ in 0..n {
+                    c.transaction(async |_| QueryResult::Ok(())).await.unwrap();
+                }
+            } else {
+                let mut c = conn;
+                for _ in 0..n {
+                    c.transaction(async |_| QueryResult::Ok(())).await.unwrap();
+                }
+            }
+        })
+        .await
+        .unwrap();
+    });
 }
