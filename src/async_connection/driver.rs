@@ -326,32 +326,29 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
 
     /// Begins a level (rows B1-B3), opened by the manager alone: it goes in the task map.
     pub(crate) async fn begin_level(&mut self) -> QueryResult<()> {
+        self.begin(false).await
+    }
+
+    /// Begins a level (rows B1-B3); `scoped`: for a `transaction` closure that runs in a
+    /// task-local scope of its own (see `registry::task::Scope`), not in the task map.
+    async fn begin(&mut self, scoped: bool) -> QueryResult<()> {
         if self.needs_look() {
             self.look().await;
         }
-        let before = self.plan_begin()?;
-        C::TransactionManager::begin_transaction(&mut self.inner).await?;
-        self.begun(before);
-        self.book.open_task_level();
-        Ok(())
-    }
-
-    /// Before BEGIN: the inner status, or the refusal of a level the ledger does not allow.
-    #[inline]
-    fn plan_begin(&mut self) -> QueryResult<Status> {
         let before = self.sync().unwrap_or(Status::Idle);
         if self.book.ledger.plan(Op::Begin, before) == Plan::Refuse {
             return Err(TransactionAborted::statement_error());
         }
-        Ok(before)
-    }
-
-    /// After a successful BEGIN from `before`, before the level is opened in the ledger.
-    #[inline]
-    fn begun(&mut self, before: Status) {
+        C::TransactionManager::begin_transaction(&mut self.inner).await?;
         if before.depth() == 0 {
             self.watch.reset();
         }
+        if scoped {
+            self.book.open_scoped_level();
+        } else {
+            self.book.open_task_level();
+        }
+        Ok(())
     }
 
     /// Rolls back the innermost level (rows X1, X2, L2, C5).
@@ -646,15 +643,7 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         E: From<Error> + Send,
         R: Send,
     {
-        // `begin_level`, written out (one future less per transaction), for a level whose
-        // closure runs in a scope of its own.
-        if self.needs_look() {
-            self.look().await;
-        }
-        let before = self.plan_begin()?;
-        C::TransactionManager::begin_transaction(&mut self.inner).await?;
-        self.begun(before);
-        self.book.open_scoped_level();
+        self.begin(true).await?;
         let depth = self.book.ledger.depth();
         let serial = self.book.ledger.innermost_serial();
         // The level's closure and its end run in a task-local scope: `defer` in it needs no

@@ -69,9 +69,9 @@ type AfterCommit = Arc<
 ///   task does not inherit it.
 ///
 /// A `transaction` future dropped inside its closure or while its `before_commit` work runs (a
-/// timeout, a client that hung up) never runs a commit hook: the connection rolls the work back at its next operation, and its
-/// rollback hooks run then, once; a pool discards it instead (it reports itself broken while
-/// a transaction is open). Dropped while COMMIT is in flight, its hooks settle
+/// timeout, a client that hung up) never runs a commit hook: the connection rolls the work
+/// back at its next operation, and its rollback hooks run then, once; a pool discards it
+/// instead (it reports itself broken while a transaction is open). Dropped while COMMIT is in flight, its hooks settle
 /// [`Outcome::Unknown`].
 ///
 /// Through a pool object, call this type's own `transaction` (`(*conn).transaction(..)`): the

@@ -441,6 +441,36 @@ async fn deferred_hooks_survive_another_connections_closure<B: Backend>() {
     );
 }
 
+/// A closure's level committed by raw manager calls made inside a nested closure of another
+/// connection (so the closure's own scope did not see it end): a hook `defer`red in the
+/// closure afterwards still settles with that level's fate, `Committed`, and runs, as soon as
+/// the connection next looks.
+async fn defer_after_the_level_ended_out_of_sight_takes_its_fate<B: Backend>() {
+    use diesel_async::TransactionManager;
+    type Manager<B> = <AsyncSignalConnection<B> as AsyncConnection>::TransactionManager;
+    let mut c = B::connect().await;
+    let mut other = B::connect().await;
+    let tag = unique_tag("ended-out-of-sight");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    c.transaction(async |c| {
+        B::exec(c, &insert(&tag, 1)).await?;
+        other
+            .transaction(async |_| {
+                Manager::<B>::commit_transaction(c).await?;
+                QueryResult::Ok(())
+            })
+            .await?;
+        defer(r.hook("deferred-after-the-commit"));
+        QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(rec.take(), ["deferred-after-the-commit"]);
+    assert_eq!(c.transaction_depth(), 0);
+    assert_eq!(B::count(&mut c, &tag).await, 1, "the raw COMMIT committed");
+}
+
 /// A `transaction` future dropped while its `before_commit` work is awaited: nothing was
 /// committed, so no commit hook runs; the connection's next operation rolls the level back and
 /// runs the rollback hooks, once.
@@ -938,6 +968,10 @@ macro_rules! scenarios {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn deferred_hooks_survive_another_connections_closure() {
                 super::deferred_hooks_survive_another_connections_closure::<$ty>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn defer_after_the_level_ended_out_of_sight_takes_its_fate() {
+                super::defer_after_the_level_ended_out_of_sight_takes_its_fate::<$ty>().await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn cancelled_before_commit() { super::cancelled_before_commit::<$ty>().await }
