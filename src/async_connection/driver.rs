@@ -12,6 +12,9 @@
 //!   (the in-flight guard in [`commit_level`](AsyncSignalConnection::commit_level));
 //! - **what diesel-async does not notice** (`watch.rs`): PostgreSQL's aborted transaction,
 //!   MySQL's deadlock, SQLite's whole-transaction rollback;
+//! - **what the driver knows without asking** (`watch.rs` too): SQLite's inner status, moved on
+//!   by the driver's own BEGIN, COMMIT and ROLLBACK and forgotten by anything else that could
+//!   change it, so the common path never reads it across threads (`Watch::known`);
 //! - `on_commit_async` futures, awaited after the commit hooks.
 
 use std::any::Any;
@@ -101,6 +104,8 @@ where
     fn transaction_manager_status_mut(
         conn: &mut AsyncSignalConnection<C>,
     ) -> &mut TransactionManagerStatus {
+        // The caller may change it: the driver reads it again next time.
+        conn.watch.forget();
         C::TransactionManager::transaction_manager_status_mut(&mut conn.inner)
     }
 
@@ -123,11 +128,20 @@ async fn catch_panic<F: Future>(fut: F) -> Result<F::Output, Box<dyn Any + Send>
 }
 
 impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
-    /// The inner status, with what the watch knows (PostgreSQL's aborted transaction).
+    /// The inner status, with what the watch knows (PostgreSQL's aborted transaction). On
+    /// SQLite, read only when the watch does not know it (see `Watch::known`).
     fn status(&mut self) -> Status {
-        match status_of(C::TransactionManager::transaction_manager_status_mut(
-            &mut self.inner,
-        )) {
+        let inner = match self.watch.known() {
+            Some(known) => known,
+            None => {
+                let read = status_of(C::TransactionManager::transaction_manager_status_mut(
+                    &mut self.inner,
+                ));
+                self.watch.remember(read);
+                read
+            }
+        };
+        match inner {
             Status::Open { depth, aborted } => Status::Open {
                 depth,
                 aborted: aborted || self.watch.aborted_at.is_some(),
@@ -170,6 +184,7 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         if self.book.lose(fate, cause) {
             *C::TransactionManager::transaction_manager_status_mut(&mut self.inner) =
                 TransactionManagerStatus::Valid(ValidTransactionManagerStatus::default());
+            self.watch.forget();
         }
     }
 
@@ -231,6 +246,7 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         match self.watch.backend {
             Backend::Sqlite => {
                 // Fails either way; in autocommit Diesel then resets its status.
+                self.watch.forget();
                 let _ = self.inner.batch_execute(SQLITE_PROBE).await;
                 if self.status().depth() < self.book.ledger.live_depth() {
                     self.lose(
@@ -296,6 +312,7 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
                 }
             }
             Backend::Sqlite => {
+                self.watch.forget();
                 let _ = self.inner.batch_execute(SQLITE_PROBE).await;
                 if self.status().depth() < self.book.ledger.live_depth() {
                     self.lose(Outcome::Unknown, "raw SQL ended it (COMMIT or ROLLBACK)");
@@ -339,7 +356,10 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         if self.book.ledger.plan(Op::Begin, before) == Plan::Refuse {
             return Err(TransactionAborted::statement_error());
         }
-        C::TransactionManager::begin_transaction(&mut self.inner).await?;
+        let known = self.watch.sending();
+        let result = C::TransactionManager::begin_transaction(&mut self.inner).await;
+        self.watch.returned(known, Op::Begin, result.is_ok());
+        result?;
         if before.depth() == 0 {
             self.watch.reset();
         }
@@ -366,7 +386,12 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
         };
         let plan = self.book.ledger.plan(Op::Rollback, before);
         let result = match plan {
-            Plan::Forward => C::TransactionManager::rollback_transaction(&mut self.inner).await,
+            Plan::Forward => {
+                let known = self.watch.sending();
+                let result = C::TransactionManager::rollback_transaction(&mut self.inner).await;
+                self.watch.returned(known, Op::Rollback, result.is_ok());
+                result
+            }
             _ => Ok(()),
         };
         if result.is_ok() && plan == Plan::Forward {
@@ -476,10 +501,17 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
                     );
                 }
             });
+            let known = self.watch.sending();
             let result = match plan {
-                Plan::Forward => C::TransactionManager::commit_transaction(&mut self.inner).await,
+                Plan::Forward => {
+                    let result = C::TransactionManager::commit_transaction(&mut self.inner).await;
+                    self.watch.returned(known, Op::Commit, result.is_ok());
+                    result
+                }
                 Plan::RollbackInstead => {
-                    C::TransactionManager::rollback_transaction(&mut self.inner).await
+                    let result = C::TransactionManager::rollback_transaction(&mut self.inner).await;
+                    self.watch.returned(known, Op::Rollback, result.is_ok());
+                    result
                 }
                 Plan::Nothing if lost => Ok(()),
                 Plan::Nothing | Plan::Refuse => {

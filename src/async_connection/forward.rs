@@ -44,6 +44,8 @@ impl<C: AsyncConnection + 'static> SimpleAsyncConnection for AsyncSignalConnecti
     async fn batch_execute(&mut self, query: &str) -> QueryResult<()> {
         self.look().await;
         self.before_statement()?;
+        // Raw SQL may BEGIN, COMMIT or fail in autocommit: the driver reads the status again.
+        self.watch.forget();
         let result = self.inner.batch_execute(query).await;
         match &result {
             Err(e) => self.watch.failed(e),
@@ -134,6 +136,8 @@ impl<C: AsyncConnection + 'static> AsyncConnection for AsyncSignalConnection<C> 
     fn transaction_state(
         &mut self,
     ) -> &mut <Self::TransactionManager as TransactionManager<Self>>::TransactionStateData {
+        // The caller may change the status: the driver reads it again next time.
+        self.watch.forget();
         self.inner.transaction_state()
     }
 
@@ -169,6 +173,8 @@ where
         if let Err(e) = self.before_statement() {
             return Box::pin(std::future::ready(Err(e)));
         }
+        // It runs more than one statement, its errors unwatched: read the status again.
+        self.watch.forget();
         self.inner.update_and_fetch(changeset)
     }
 }

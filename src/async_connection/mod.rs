@@ -251,6 +251,8 @@ impl<C: AsyncConnection + 'static> AsyncSignalConnection<C> {
     /// # }
     /// ```
     pub fn inner_mut(&mut self) -> &mut C {
+        // Anything may be done with it: the driver reads the inner status again next time.
+        self.watch.forget();
         &mut self.inner
     }
 

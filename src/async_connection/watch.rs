@@ -1,6 +1,8 @@
 //! What the async wrapper learns from the statements that pass through it, at no cost: a
 //! statement's error inside a transaction is noted here by the future that ran it ([`Watched`]),
-//! and the connection's next operation acts on it.
+//! and the connection's next operation acts on it. On SQLite, also the inner connection's
+//! transaction status as the driver last knew it ([`Watch::known`]), so that it is not read
+//! across threads at every transaction.
 //!
 //! diesel-async's connections do not notice everything the sync ones do
 //! (`../../shared`-verified facts, summarised in `docs/ARCHITECTURE.md`):
@@ -16,6 +18,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use diesel::result::{DatabaseErrorKind, Error, QueryResult};
+
+use crate::ledger::{Op, Status};
 
 /// Which backend's rules apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +58,10 @@ pub(crate) struct Watch {
     pub(crate) probe: bool,
     /// The message of that failure (MySQL: whether it was a lock wait timeout).
     pub(crate) lock_wait_timeout: bool,
+    /// SQLite: the inner status as the driver last read it, moved on by the driver's own
+    /// BEGIN, COMMIT and ROLLBACK that returned `Ok`; `None`: read it (see [`Watch::known`]).
+    /// Not forgotten when a transaction ends, only by what could change the status unseen.
+    known: Option<Status>,
 }
 
 impl Watch {
@@ -65,7 +73,80 @@ impl Watch {
             deadlock: false,
             probe: false,
             lock_wait_timeout: false,
+            known: None,
         }
+    }
+
+    /// The inner status without reading it (SQLite), or `None`: read it, then
+    /// [`remember`](Self::remember) it.
+    ///
+    /// Why: `SyncConnectionWrapper` keeps its status inside the connection that the blocking
+    /// thread has just used for BEGIN or COMMIT; reading it on the runtime thread pulls that
+    /// memory from the other core's cache twice per transaction, where diesel-async's own
+    /// `transaction` never reads it. What the driver knows instead holds
+    /// because Diesel's `SqliteConnection` changes its status in two places only: its
+    /// transaction manager (whose every call either goes through the driver, which moves the
+    /// status on as `AnsiTransactionManager` does, or through a door that forgets it:
+    /// `inner_mut`, `transaction_state`, `transaction_manager_status_mut`), and a failed
+    /// `batch_execute` in autocommit. So the status is forgotten by every `batch_execute`,
+    /// every failed statement, every call to the manager that did not return `Ok` (or did
+    /// not return: it is taken while the call is in flight), and by those doors.
+    /// PostgreSQL's and MySQL's status lives in the async connection itself: always read.
+    #[inline]
+    pub(crate) fn known(&self) -> Option<Status> {
+        self.known
+    }
+
+    /// Keeps `read`, the inner status just read, while nothing changes it unseen (SQLite only;
+    /// a broken or aborted status is read again each time).
+    #[inline]
+    pub(crate) fn remember(&mut self, read: Status) {
+        if self.backend == Backend::Sqlite
+            && !matches!(read, Status::Broken | Status::Open { aborted: true, .. })
+        {
+            self.known = Some(read);
+        }
+    }
+
+    /// Something may have changed the inner status unseen: read it next time.
+    #[inline]
+    pub(crate) fn forget(&mut self) {
+        self.known = None;
+    }
+
+    /// A BEGIN, COMMIT or ROLLBACK is about to be sent: the status is unknown until it returns
+    /// (a future dropped meanwhile leaves it so). Returns what was known before.
+    #[inline]
+    pub(crate) fn sending(&mut self) -> Option<Status> {
+        self.known.take()
+    }
+
+    /// The call sent for `op` returned (`ok`): the status known before it, moved on as
+    /// Diesel's `AnsiTransactionManager` moves it (one level more or less); forgotten on an
+    /// error.
+    #[inline]
+    pub(crate) fn returned(&mut self, before: Option<Status>, op: Op, ok: bool) {
+        self.known = match (ok, op, before) {
+            (false, ..) | (true, _, None) => None,
+            (true, Op::Begin, Some(Status::Idle)) => Some(Status::Open {
+                depth: 1,
+                aborted: false,
+            }),
+            (true, Op::Begin, Some(Status::Open { depth, aborted })) => Some(Status::Open {
+                depth: depth + 1,
+                aborted,
+            }),
+            (true, Op::Commit | Op::Rollback, Some(Status::Open { depth: 1, .. })) => {
+                Some(Status::Idle)
+            }
+            (true, Op::Commit | Op::Rollback, Some(Status::Open { depth, aborted })) => {
+                Some(Status::Open {
+                    depth: depth - 1,
+                    aborted,
+                })
+            }
+            (true, _, Some(Status::Idle | Status::Broken)) => None,
+        };
     }
 
     /// Forgets everything: the transaction ended.
@@ -79,6 +160,7 @@ impl Watch {
     /// A statement failed with `err` at `self.depth` levels.
     #[cold]
     pub(crate) fn failed(&mut self, err: &Error) {
+        self.forget();
         if self.depth == 0 {
             return;
         }

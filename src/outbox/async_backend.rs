@@ -296,7 +296,8 @@ mod mysql {
 impl<C: AsyncOutboxConnection> sealed::Sealed for AsyncSignalConnection<C> {}
 
 /// The relay's statements never run inside a user's transaction: they go to the wrapped
-/// connection directly, as `SignalConnection`'s do.
+/// connection directly, as `SignalConnection`'s do (through `inner_mut`, so the driver reads
+/// the inner status again afterwards: a claim may run its own transaction).
 impl<C: AsyncOutboxConnection> AsyncOutboxConnection for AsyncSignalConnection<C> {
     /// Inserts run in the caller's transaction: refused like any statement in a transaction
     /// the server ended, and their failure is noted like any statement's.
@@ -319,7 +320,8 @@ impl<C: AsyncOutboxConnection> AsyncOutboxConnection for AsyncSignalConnection<C
         limit: i64,
         lease_ms: i64,
     ) -> impl Future<Output = QueryResult<Vec<ClaimedRow>>> + Send + 'a {
-        self.inner.outbox_claim(owner, queues_json, limit, lease_ms)
+        self.inner_mut()
+            .outbox_claim(owner, queues_json, limit, lease_ms)
     }
 
     fn outbox_complete<'a>(
@@ -327,7 +329,7 @@ impl<C: AsyncOutboxConnection> AsyncOutboxConnection for AsyncSignalConnection<C
         owner: &'a str,
         ids: &'a [i64],
     ) -> impl Future<Output = QueryResult<usize>> + Send + 'a {
-        self.inner.outbox_complete(owner, ids)
+        self.inner_mut().outbox_complete(owner, ids)
     }
 
     fn outbox_fail<'a>(
@@ -338,7 +340,8 @@ impl<C: AsyncOutboxConnection> AsyncOutboxConnection for AsyncSignalConnection<C
         delay_ms: i64,
         dead: bool,
     ) -> impl Future<Output = QueryResult<bool>> + Send + 'a {
-        self.inner.outbox_fail(owner, id, error, delay_ms, dead)
+        self.inner_mut()
+            .outbox_fail(owner, id, error, delay_ms, dead)
     }
 
     fn outbox_release<'a>(
@@ -346,13 +349,13 @@ impl<C: AsyncOutboxConnection> AsyncOutboxConnection for AsyncSignalConnection<C
         owner: &'a str,
         ids: &'a [i64],
     ) -> impl Future<Output = QueryResult<()>> + Send + 'a {
-        self.inner.outbox_release(owner, ids)
+        self.inner_mut().outbox_release(owner, ids)
     }
 
     fn outbox_unknown_queues<'a>(
         &'a mut self,
         queues_json: &'a str,
     ) -> impl Future<Output = QueryResult<Vec<(String, i64)>>> + Send + 'a {
-        self.inner.outbox_unknown_queues(queues_json)
+        self.inner_mut().outbox_unknown_queues(queues_json)
     }
 }

@@ -471,6 +471,87 @@ async fn defer_after_the_level_ended_out_of_sight_takes_its_fate<B: Backend>() {
     assert_eq!(B::count(&mut c, &tag).await, 1, "the raw COMMIT committed");
 }
 
+/// A raw `COMMIT` sent with `batch_execute` inside the closure ends the transaction behind the
+/// wrapper: the next statement is refused, the closure's result is `TransactionAborted`, and
+/// the hooks settle `Unknown` (no commit hook on a guess), as with `SignalConnection`. The
+/// connection's next transaction is an ordinary one.
+async fn raw_commit_sql_ends_the_transaction<B: Backend>() {
+    use diesel_async::SimpleAsyncConnection;
+    let mut c = B::connect().await;
+    ordinary_transaction::<B>(&mut c).await;
+    let tag = unique_tag("raw-commit");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let result = c
+        .transaction(async |c| {
+            B::exec(c, &insert(&tag, 1)).await?;
+            c.on_commit(r.hook("commit"));
+            c.on_rollback(r.hook("rollback"));
+            c.on_complete(r.outcome("complete"));
+            c.batch_execute("COMMIT").await?; // behind the wrapper's back
+            let refused = B::exec(c, &insert(&tag, 2)).await.unwrap_err();
+            assert!(TransactionAborted::is(&refused), "{refused}");
+            QueryResult::Ok(())
+        })
+        .await;
+    assert!(
+        matches!(&result, Err(e) if TransactionAborted::is(e)),
+        "{result:?}"
+    );
+    assert_eq!(rec.take(), ["complete:Unknown"], "never a hook on a guess");
+    assert_eq!(B::count(&mut c, &tag).await, 1, "the raw COMMIT committed");
+    assert_eq!(c.transaction_depth(), 0);
+    ordinary_transaction::<B>(&mut c).await;
+}
+
+/// The inner connection's own manager, reached through `inner_mut()`, commits the closure's
+/// transaction: the wrapper sees the level gone when the closure returns (its hooks settle
+/// `Unknown`, and it sends no COMMIT of its own); the next transaction is an ordinary one.
+async fn inner_mut_manager_calls_are_seen<B: Backend>() {
+    use diesel_async::TransactionManager;
+    let mut c = B::connect().await;
+    ordinary_transaction::<B>(&mut c).await;
+    let tag = unique_tag("inner-mut-commit");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    c.transaction(async |c| {
+        B::exec(c, &insert(&tag, 1)).await?;
+        c.on_commit(r.hook("commit"));
+        c.on_complete(r.outcome("complete"));
+        <B as AsyncConnection>::TransactionManager::commit_transaction(c.inner_mut()).await?;
+        QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(rec.take(), ["complete:Unknown"], "never a hook on a guess");
+    assert_eq!(
+        B::count(&mut c, &tag).await,
+        1,
+        "the inner manager committed"
+    );
+    assert_eq!(c.transaction_depth(), 0);
+    ordinary_transaction::<B>(&mut c).await;
+}
+
+/// A transaction on `c` that must behave as any: its row commits, its commit hook runs. (Run
+/// first, it also lets the wrapper learn the connection's status, as in a service's
+/// steady state, where SQLite's is not read again.)
+async fn ordinary_transaction<B: Backend>(c: &mut AsyncSignalConnection<B>) {
+    let tag = unique_tag("ordinary");
+    let rec = Recorder::new();
+    let r = rec.clone();
+    c.transaction(async |c| {
+        B::exec(c, &insert(&tag, 1)).await?;
+        c.on_commit(r.hook("commit"));
+        QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(rec.take(), ["commit"]);
+    assert_eq!(B::count(c, &tag).await, 1);
+    assert_eq!(c.transaction_depth(), 0);
+}
+
 /// A `transaction` future dropped while its `before_commit` work is awaited: nothing was
 /// committed, so no commit hook runs; the connection's next operation rolls the level back and
 /// runs the rollback hooks, once.
@@ -972,6 +1053,14 @@ macro_rules! scenarios {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn defer_after_the_level_ended_out_of_sight_takes_its_fate() {
                 super::defer_after_the_level_ended_out_of_sight_takes_its_fate::<$ty>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn raw_commit_sql_ends_the_transaction() {
+                super::raw_commit_sql_ends_the_transaction::<$ty>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn inner_mut_manager_calls_are_seen() {
+                super::inner_mut_manager_calls_are_seen::<$ty>().await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn cancelled_before_commit() { super::cancelled_before_commit::<$ty>().await }
