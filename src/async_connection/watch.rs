@@ -83,12 +83,12 @@ impl Watch {
     /// Why: `SyncConnectionWrapper` keeps its status inside the connection that the blocking
     /// thread has just used for BEGIN or COMMIT; reading it on the runtime thread pulls that
     /// memory from the other core's cache twice per transaction, where diesel-async's own
-    /// `transaction` never reads it. What the driver knows instead holds
-    /// because Diesel's `SqliteConnection` changes its status in two places only: its
-    /// transaction manager (whose every call either goes through the driver, which moves the
-    /// status on as `AnsiTransactionManager` does, or through a door that forgets it:
-    /// `inner_mut`, `transaction_state`, `transaction_manager_status_mut`), and a failed
-    /// `batch_execute` in autocommit. So the status is forgotten by every `batch_execute`,
+    /// `transaction` never reads it. What the driver knows instead holds because Diesel's
+    /// `SqliteConnection` (2.3) changes its status in two places only: its transaction manager
+    /// (whose every call either goes through the driver, which moves the status on as
+    /// `AnsiTransactionManager` does, or through a door that forgets it: `inner_mut`,
+    /// `transaction_state`, `transaction_manager_status_mut`), and a failed `batch_execute` in
+    /// autocommit. So the status is forgotten by every `batch_execute`,
     /// every failed statement, every call to the manager that did not return `Ok` (or did
     /// not return: it is taken while the call is in flight), and by those doors.
     /// PostgreSQL's and MySQL's status lives in the async connection itself: always read.
@@ -149,7 +149,8 @@ impl Watch {
         };
     }
 
-    /// Forgets everything: the transaction ended.
+    /// Forgets what the statements told (not the [`known`](Self::known) status, which
+    /// outlives transactions): the transaction ended.
     pub(crate) fn reset(&mut self) {
         self.aborted_at = None;
         self.deadlock = false;
