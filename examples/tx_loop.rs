@@ -14,6 +14,9 @@
 //! on one `current_thread` runtime, the loop in one task as in `benches/overhead.rs`.
 //! Per-transaction figures: run with two counts (say 1,000 and 3,000) and divide the difference
 //! by 2,000, which cancels the set-up.
+//!
+//! `tx_loop async-future-sizes` prints the size of an empty `transaction` future (SQLite), plain
+//! and wrapped: the state every poll of the transaction works in.
 
 use diesel::prelude::*;
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
@@ -22,10 +25,14 @@ use diesel_transaction_signals::{AsyncSignalConnection, SignalConnection};
 
 fn main() {
     let mut args = std::env::args().skip(1);
+    if std::env::args().nth(1).as_deref() == Some("async-future-sizes") {
+        future_sizes();
+        return;
+    }
     let (Some(mode), Some(n)) = (args.next(), args.next()) else {
         eprintln!(
             "usage: tx_loop sqlite-plain|sqlite-wrapper|async-pg-plain|async-pg-wrapper|\
-             async-sqlite-plain|async-sqlite-wrapper N"
+             async-sqlite-plain|async-sqlite-wrapper N, or tx_loop async-future-sizes"
         );
         std::process::exit(2);
     };
@@ -93,4 +100,17 @@ where
         .await
         .unwrap();
     });
+}
+
+/// The size of an empty `transaction` future on `SyncConnectionWrapper<SqliteConnection>`,
+/// plain and wrapped (made, never polled).
+fn future_sizes() {
+    let sqlite = || SyncConnectionWrapper::new(SqliteConnection::establish(":memory:").unwrap());
+    let mut plain: SyncConnectionWrapper<SqliteConnection> = sqlite();
+    let mut wrapper = AsyncSignalConnection::new(sqlite());
+    println!(
+        "empty transaction future: plain {} bytes, wrapper {} bytes",
+        std::mem::size_of_val(&plain.transaction(async |_| QueryResult::Ok(()))),
+        std::mem::size_of_val(&wrapper.transaction(async |_| QueryResult::Ok(()))),
+    );
 }
